@@ -1,0 +1,27 @@
+# Two commands for a new user: `make run` and `make test` (see README.md).
+PY := .venv/bin/python
+NB := M63556AB_RepLearning.ipynb
+
+.PHONY: run test setup data
+
+run: setup
+	.venv/bin/jupyter nbconvert --to notebook --execute --inplace \
+	  --ExecutePreprocessor.timeout=-1 $(NB)
+
+test: setup
+	$(PY) -m pytest tests --nbval $(NB) --nbval-current-env -q
+
+setup: .venv/.installed data
+
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Offline the data come from Debian's package (needs root); otherwise torchvision downloads them.
+data: .venv/.installed
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "apt-get could not install dataset-fashion-mnist; torchvision will try to download"; \
+	fi
+	$(PY) -c "import vae_helpers as v; tr, te = v.load_data(); print('Fashion-MNIST:', tuple(tr.shape), tuple(te.shape))"

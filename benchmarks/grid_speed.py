@@ -1,0 +1,96 @@
+"""Seconds per training epoch of a whole grid: the course notebook's way against the grid trainer.
+
+Run: .venv/bin/python benchmarks/grid_speed.py [--batches N] [--grids q4 q5]
+Both ways, and the machine's float32 matrix-multiply rate, are measured in this one process.
+A subset of N mini-batches is timed and scaled to the 600 of a full epoch.
+"""
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vae_helpers as v  # noqa: E402
+
+BATCHES_PER_EPOCH = 60_000 // 100
+
+
+def matmul_rate(n=2048, repeats=20):
+    """The machine's float32 matrix-multiply rate (FLOP/s), from a large torch.mm."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def course_way(cells, batches):
+    """One model at a time through a DataLoader with ToTensor, as the course's notebook trains."""
+    data = datasets.FashionMNIST(str(v.DATA_DIR), train=True, transform=transforms.ToTensor())
+    seconds = 0.0
+    for s in cells:
+        torch.manual_seed(0)
+        model = v.VAE(s["hidden"], s["latent"])
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loader = DataLoader(data, batch_size=100, shuffle=True)
+        t0 = time.perf_counter()
+        for i, (x, _) in enumerate(loader):
+            if i == batches:
+                break
+            x = x.view(-1, 784)
+            logits, mean, log_var = model(x, torch.randn(len(x), s["latent"]))
+            r, k = v.vfe_terms(logits, x, mean, log_var)
+            loss = (r + k).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        seconds += time.perf_counter() - t0
+    return seconds * BATCHES_PER_EPOCH / batches
+
+
+def grid_way(cells, batches):
+    """The project's grid trainer over the same cells."""
+    train_x, _ = v.load_data()
+    seconds = 0.0
+    for group in v.groups(cells):
+        grid, opt, _ = v.new_group(group, torch.device("cpu"))
+        t0 = time.perf_counter()
+        v.train_epoch(grid, opt, train_x, group, epoch=1, batches=batches)
+        seconds += time.perf_counter() - t0
+    return seconds * BATCHES_PER_EPOCH / batches
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=60, help="mini-batches timed per model or group")
+    parser.add_argument("--grids", nargs="+", default=["q4", "q5"], choices=["q4", "q5"])
+    args = parser.parse_args()
+    grids = {"q4": v.grid(v.Q4_HIDDEN, v.Q4_LATENT), "q5": v.grid(v.Q5_HIDDEN, v.Q5_LATENT)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.batches} of {BATCHES_PER_EPOCH} mini-batches timed per model or group, then scaled")
+    rate = matmul_rate()
+    print(f"float32 matrix-multiply rate: {rate / 1e9:.1f} GFLOP/s")
+    for name in args.grids:
+        cells = grids[name]
+        weights = sum(v.n_params_formula(s["hidden"], s["latent"]) for s in cells)
+        limit = 6 * 60_000 * weights / rate
+        course = course_way(cells, args.batches)
+        ours = grid_way(cells, args.batches)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        print(f"\n{name}: {len(cells)} cells, {weights:,} weights")
+        print(f"  (a) course's way: {course:8.1f} s per grid-epoch")
+        print(f"  (b) grid trainer: {ours:8.1f} s per grid-epoch")
+        print(f"  speed-up (a)/(b): {course / ours:.1f}x")
+        print(f"  matrix-multiply limit: {limit:.1f} s; (b) takes {ours / limit:.2f}x that, "
+              f"reaching {limit / ours:.0%} of the rate")
+        print(f"  peak memory of this process so far: {peak:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

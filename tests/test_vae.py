@@ -1,0 +1,294 @@
+"""The specification of vae_helpers: one behaviour per test."""
+import json
+import math
+
+import matplotlib
+import pytest
+import torch
+
+import vae_helpers as v
+
+matplotlib.use("Agg")
+
+
+def tiny(hidden=5, latent=2, **kw):
+    """A cell that trains in about a second: 300 images, one epoch."""
+    return v.cell_settings(hidden, latent, **{"epochs": 1, "train_size": 300, **kw})
+
+
+# --- objective --------------------------------------------------------------
+
+def test_vfe_terms_match_a_hand_computation():
+    x = torch.tensor([[0.0, 1.0]])
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # sigmoid: 0.5 and 0.75
+    mean, log_var = torch.tensor([[1.0]]), torch.tensor([[math.log(2.0)]])
+    rec, kl = v.vfe_terms(logits, x, mean, log_var)
+    assert rec.item() == pytest.approx(0.5 ** 2 + 0.25 ** 2)
+    assert kl.item() == pytest.approx(-0.5 * (1 + math.log(2.0) - 1.0 - 2.0))
+    rec_b, _ = v.vfe_terms(logits, x, mean, log_var, recon="bernoulli")
+    assert rec_b.item() == pytest.approx(-math.log(0.5) - math.log(0.75))
+
+
+def test_summed_squared_error_is_a_gaussian_log_likelihood_with_variance_half_up_to_a_constant():
+    torch.manual_seed(0)
+    x, logits = torch.rand(3, 784), torch.randn(3, 784)
+    rec, _ = v.vfe_terms(logits, x, torch.zeros(3, 1), torch.zeros(3, 1))
+    nll = -torch.distributions.Normal(torch.sigmoid(logits), math.sqrt(0.5)).log_prob(x).sum(-1)
+    assert torch.allclose(rec + 392 * math.log(math.pi), nll, rtol=1e-5)
+
+
+def test_closed_form_kl_matches_a_monte_carlo_estimate():
+    torch.manual_seed(0)
+    mean, log_var = torch.randn(1, 4), torch.randn(1, 4)
+    q = torch.distributions.Normal(mean, (0.5 * log_var).exp())
+    z = q.sample((200_000,))
+    p = torch.distributions.Normal(torch.zeros(4), torch.ones(4))
+    mc = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean()
+    _, kl = v.vfe_terms(torch.zeros(1, 1), torch.zeros(1, 1), mean, log_var)
+    assert kl.item() == pytest.approx(mc.item(), rel=0.02)
+
+
+def test_unknown_reconstruction_is_refused():
+    with pytest.raises(ValueError, match="unknown reconstruction"):
+        v.vfe_terms(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), "laplace")
+
+
+# --- model ------------------------------------------------------------------
+
+@pytest.mark.parametrize("hidden, latent", [(h, l) for h in v.Q4_HIDDEN for l in v.Q4_LATENT]
+                         + [(h, l) for h in v.Q5_HIDDEN for l in v.Q5_LATENT])
+def test_parameter_formula_matches_counted_parameters(hidden, latent):
+    assert v.n_params_formula(hidden, latent) == v.n_params(v.VAE(hidden, latent))
+
+
+def test_parameter_formula_gives_the_courses_examples():
+    assert v.n_params_formula(5, 5) == 8_779
+    assert v.n_params_formula(500, 300) == 1_737_384
+    assert v.n_params_formula(1024, 8) == 3_732_256
+
+
+def test_gradients_reach_mean_and_log_variance_through_the_reparameterisation():
+    torch.manual_seed(0)
+    model = v.VAE(8, 3)
+    x = torch.rand(4, 784)
+    logits, mean, log_var = model(x, torch.randn(4, 3))
+    mean.retain_grad(), log_var.retain_grad()
+    rec, _ = v.vfe_terms(logits, x, mean, log_var)  # reconstruction alone: no KL path to them
+    rec.sum().backward()
+    assert mean.grad.abs().sum() > 0 and log_var.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("hidden, latent", [(0, 5), (-1, 5), (5, 2.5), (5, "10"), (True, 5)])
+def test_bad_dimensions_are_refused(hidden, latent):
+    with pytest.raises(ValueError, match="positive integer"):
+        v.VAE(hidden, latent)
+    with pytest.raises(ValueError, match="positive integer"):
+        v.cell_settings(hidden, latent)
+
+
+# --- data -------------------------------------------------------------------
+
+def test_data_are_all_images_scaled_to_the_unit_interval():
+    train, test = v.load_data()
+    assert train.shape == (60_000, 784) and test.shape == (10_000, 784)
+    assert train.min() == 0 and train.max() == 1 and train.dtype == torch.float32
+
+
+def test_unknown_dataset_is_refused():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        v.load_data("cifar")
+
+
+def test_missing_data_says_both_ways_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(v.DEBIAN_DIRS, "mnist", tmp_path / "nowhere")
+    monkeypatch.setattr("torchvision.datasets.MNIST.download", lambda self: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-mnist.*internet"):
+        v.load_data("mnist", str(tmp_path))
+
+
+# --- training ---------------------------------------------------------------
+
+def test_short_training_lowers_the_test_vfe():
+    rec, _ = v.train_cell(v.cell_settings(50, 10, epochs=2, train_size=6000), progress=False)
+    untrained = v.cell_settings(50, 10, epochs=1, train_size=100, lr=1e-9)
+    assert rec["test_vfe"][-1] < v.train_cell(untrained, progress=False)[0]["test_vfe"][0] - 20
+
+
+def test_record_holds_every_epoch_and_the_best_and_final_test_vfe():
+    rec, _ = v.train_cell(tiny(epochs=3), progress=False)
+    assert len(rec["test_vfe"]) == len(rec["train_vfe"]) == len(rec["test_kl"]) == 3
+    assert rec["best_test_vfe"] == min(rec["test_vfe"]) == rec["test_vfe"][rec["best_epoch"] - 1]
+    assert rec["final_test_vfe"] == rec["test_vfe"][-1]
+    assert rec["n_params"] == v.n_params_formula(5, 2) and 0 <= rec["active_units"] <= 2
+
+
+def test_training_is_repeatable_from_its_seed():
+    a, _ = v.train_cell(tiny(), progress=False)
+    b, _ = v.train_cell(tiny(), progress=False)
+    c, _ = v.train_cell(tiny(seed=1), progress=False)
+    assert a["test_vfe"] == b["test_vfe"] != c["test_vfe"]
+
+
+def test_grid_training_matches_each_cell_trained_alone():
+    cells = [tiny(hidden=20, latent=l, epochs=2) for l in (2, 5, 9)]
+    records, models = v.train_group(cells, progress=False)
+    for s, rec, model in zip(cells, records, models):
+        alone_rec, alone = v.train_cell(s, progress=False)
+        for a, b in zip(model.state_dict().values(), alone.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert rec["test_vfe"] == pytest.approx(alone_rec["test_vfe"], rel=1e-5)
+        assert rec["train_vfe"] == pytest.approx(alone_rec["train_vfe"], rel=1e-5)
+        assert rec["active_units"] == alone_rec["active_units"]
+
+
+def test_padded_latent_units_stay_exactly_zero():
+    records, models = v.train_group([tiny(latent=2), tiny(latent=6)], progress=False)
+    model = v.GridVAE(models)
+    _, mean, log_var = model(torch.rand(7, 784), torch.zeros(2, 7, 6))
+    assert mean[0, :, 2:].abs().max() == 0 and log_var[0, :, 2:].abs().max() == 0
+
+
+def test_a_group_must_share_every_setting_but_the_latent_size():
+    with pytest.raises(ValueError, match="differ only in their latent size"):
+        v.train_group([tiny(hidden=5), tiny(hidden=6)], progress=False)
+
+
+def test_groups_keep_padding_waste_small_and_split_by_other_settings():
+    cells = v.grid([5, 500], [5, 10, 300]) + [v.cell_settings(500, 5, seed=1)]
+    for group in v.groups(cells):
+        assert len({json.dumps({k: x for k, x in s.items() if k != "latent"}) for s in group}) == 1
+        real = sum(v.n_params_formula(s["hidden"], s["latent"]) for s in group)
+        padded = len(group) * v.n_params_formula(group[0]["hidden"], max(s["latent"] for s in group))
+        assert padded <= 1.1 * real or padded <= 4_000_000
+    assert sorted(map(len, v.groups(cells))) == [1, 1, 2, 3]  # at h=500, latent 300 pads too much
+
+
+def test_divergence_stops_the_cell_and_stores_nothing(tmp_path, monkeypatch):
+    real = v.vfe_terms
+    monkeypatch.setattr(v, "vfe_terms", lambda *a: tuple(t * float("nan") for t in real(*a)))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        v.run_cells([tiny()], tmp_path, progress=False)
+    assert not v.cell_path(tiny(), tmp_path).exists()
+
+
+# --- experiments and the results cache --------------------------------------
+
+def test_finished_cells_are_stored_and_reused_without_training(tmp_path, monkeypatch):
+    cells = [tiny(latent=2), tiny(latent=3)]
+    first = v.run_cells(cells, tmp_path, progress=False)
+    monkeypatch.setattr(v, "train_group", lambda *a, **k: pytest.fail("a stored cell was retrained"))
+    assert v.run_cells(cells, tmp_path, progress=False) == first
+
+
+def test_an_interrupted_grid_resumes_with_the_cells_it_lacks(tmp_path, monkeypatch):
+    done = v.run_cells([tiny(latent=2)], tmp_path, progress=False)
+    trained = []
+    real = v.train_group
+    monkeypatch.setattr(v, "train_group", lambda group, *a, **k: trained.append(group) or real(group, *a, **k))
+    records = v.run_cells([tiny(latent=2), tiny(hidden=7, latent=2)], tmp_path, progress=False)
+    assert trained == [[tiny(hidden=7, latent=2)]] and records[0] == done[0]
+
+
+def test_an_interrupted_group_resumes_mid_training_from_its_checkpoint(tmp_path, monkeypatch):
+    cells = [tiny(latent=2, epochs=3), tiny(latent=4, epochs=3)]
+    whole, _ = v.train_group(cells, progress=False)
+    real, calls = v.append_epoch, []
+
+    def stop_in_epoch_two(rec, *a):
+        calls.append(1)
+        if len(calls) > len(cells):
+            raise KeyboardInterrupt
+        real(rec, *a)
+
+    monkeypatch.setattr(v, "append_epoch", stop_in_epoch_two)
+    checkpoint = tmp_path / "group.pt"
+    with pytest.raises(KeyboardInterrupt):
+        v.train_group(cells, progress=False, checkpoint=checkpoint)
+    monkeypatch.setattr(v, "append_epoch", real)
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 1
+    resumed, _ = v.train_group(cells, progress=False, checkpoint=checkpoint)
+    for a, b in zip(whole, resumed):
+        assert a["test_vfe"] == pytest.approx(b["test_vfe"], rel=1e-6)
+        assert a["train_vfe"] == pytest.approx(b["train_vfe"], rel=1e-6)
+
+
+def test_a_cell_with_other_settings_is_trained_not_reused(tmp_path):
+    v.run_cells([tiny()], tmp_path, progress=False)
+    other = tiny(lr=2e-3)
+    assert v.cell_path(other, tmp_path) != v.cell_path(tiny(), tmp_path)
+    assert v.run_cells([other], tmp_path, progress=False)[0]["settings"]["lr"] == 2e-3
+
+
+def test_a_record_whose_settings_differ_from_its_name_is_refused(tmp_path):
+    path = v.cell_path(tiny(), tmp_path)
+    v.run_cells([tiny()], tmp_path, progress=False)
+    rec = json.loads(path.read_text())
+    rec["settings"]["lr"] = 0.5
+    path.write_text(json.dumps(rec))
+    with pytest.raises(v.ResultsError, match="not"):
+        v.run_cells([tiny()], tmp_path, progress=False)
+
+
+def test_a_corrupt_results_file_raises_and_is_left_untouched(tmp_path):
+    path = v.cell_path(tiny(), tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"settings": {"hid')
+    with pytest.raises(v.ResultsError, match="corrupt"):
+        v.run_cells([tiny()], tmp_path, progress=False)
+    assert path.read_text() == '{"settings": {"hid'
+
+
+def test_experiment_writes_its_summary_table(tmp_path, monkeypatch):
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2), tiny(latent=3)])
+    table, _ = v.run_experiment("q4", tmp_path, progress=False)
+    csv = (tmp_path / "q4.csv").read_text().splitlines()
+    for column in ["hidden_dim", "latent_dim", "weight_decay", "epochs", "seed", "n_params",
+                   "best_test_vfe", "best_epoch", "final_test_vfe", "active_units"]:
+        assert column in csv[0].split(",")
+    assert len(csv) == 3 and list(table["latent_dim"]) == [2, 3]
+
+
+def test_unknown_experiment_is_refused():
+    with pytest.raises(ValueError, match="unknown experiment"):
+        v.experiment_cells("q9")
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(ValueError, match="unknown settings"):
+        v.cell_settings(5, 5, learning_rate=1)
+
+
+def test_command_line_runs_an_experiment_and_prints_its_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2)])
+    v.main(["q4", "--results", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "best_test_vfe" in out and (tmp_path / "q4.csv").exists()
+
+
+def test_command_line_refuses_an_unknown_experiment(capsys):
+    with pytest.raises(SystemExit):
+        v.main(["q9"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# --- plots --------------------------------------------------------------------
+
+def test_heatmap_rows_are_hidden_and_columns_latent_sizes_as_labelled():
+    import pandas as pd
+    table = pd.DataFrame([dict(hidden_dim=h, latent_dim=l, best_test_vfe=1000 * h + l)
+                          for h in (5, 50) for l in (2, 7, 9)])
+    ax = v.heatmap(table, "test")
+    rows = [int(t.get_text()) for t in ax.get_yticklabels()]
+    cols = [int(t.get_text()) for t in ax.get_xticklabels()]
+    texts = [float(t.get_text()) for t in ax.texts]  # row by row
+    assert texts == [1000.0 * h + l for h in rows for l in cols]
+    assert "hidden" in ax.get_ylabel() and "latent" in ax.get_xlabel()
+    assert ax.figure.axes[-1].get_ylabel() == v.VFE_LABEL
+
+
+def test_parameter_plot_marks_the_training_data_size():
+    import pandas as pd
+    table = pd.DataFrame(dict(n_params=[1e4, 1e8], best_test_vfe=[30.0, 20.0], latent_dim=[5, 5]))
+    ax = v.vfe_vs_params(table, "test")
+    assert v.TRAIN_VALUES in [line.get_xdata()[0] for line in ax.get_lines()]
+    assert ax.get_xscale() == "log"

@@ -1,0 +1,660 @@
+"""Variational autoencoders on Fashion-MNIST for COMP61021 Coursework 2.
+
+Sections, top to bottom: data, model, objective, training, experiments, plots,
+command line. `python -m vae_helpers q4` runs (or resumes) one question's grid.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+RESULTS_DIR = ROOT / "results"
+X_DIM = 28 * 28
+TRAIN_VALUES = 60_000 * X_DIM  # Q7's vertical line: 47,040,000 training values
+
+# The course's protocol (COURSE.md): Adam 1e-3, mini-batch 100, 30 epochs, all images.
+PROTOCOL = dict(dataset="fashion-mnist", recon="mse", lr=1e-3, batch_size=100,
+                epochs=30, train_size=60_000, weight_decay=0.0, seed=0)
+
+
+class ResultsError(RuntimeError):
+    """A stored result that cannot be trusted (corrupt, or not what its name says)."""
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+# Where Debian's packages put the original IDX files (`apt-get install dataset-fashion-mnist`).
+DEBIAN_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+               "mnist": Path("/usr/share/datasets/mnist")}
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def dataset_class(dataset):
+    """The torchvision class for a dataset name."""
+    from torchvision import datasets
+    classes = {"fashion-mnist": datasets.FashionMNIST, "mnist": datasets.MNIST}
+    if dataset not in classes:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(classes)}")
+    return classes[dataset]
+
+
+def copy_debian_files(dataset, root):
+    """Unpack the Debian package's IDX files into torchvision's raw folder; True if done."""
+    src = DEBIAN_DIRS[dataset]
+    raw = Path(root) / dataset_class(dataset).__name__ / "raw"
+    if not all((src / f"{name}.gz").exists() or (src / name).exists() for name in IDX_FILES):
+        return False
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in IDX_FILES:
+        if (raw / name).exists():
+            continue
+        gz = src / f"{name}.gz"
+        with (gzip.open(gz) if gz.exists() else open(src / name, "rb")) as fin, \
+                open(raw / f"{name}.part", "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(raw / f"{name}.part", raw / name)
+    return True
+
+
+@lru_cache(maxsize=4)
+def load_data(dataset="fashion-mnist", root=str(DATA_DIR)):
+    """Train and test images as float tensors in [0, 1], shapes (60000, 784) and (10000, 784)."""
+    cls = dataset_class(dataset)
+    try:
+        train, test = cls(root, train=True), cls(root, train=False)
+    except RuntimeError:  # torchvision: "Dataset not found"
+        if not copy_debian_files(dataset, root):
+            try:
+                cls(root, train=True, download=True)
+            except Exception as err:
+                raise FileNotFoundError(
+                    f"{dataset} not found in {root} or {DEBIAN_DIRS[dataset]}, and torchvision "
+                    f"could not download it ({err}). Either install the Debian package "
+                    f"(`sudo apt-get install dataset-{dataset}`) or run once with internet access "
+                    f"so that torchvision downloads it.") from None
+        train, test = cls(root, train=True), cls(root, train=False)
+    # Same values as the course's transforms.ToTensor(): uint8 / 255, then flattened.
+    to_float = lambda ds: ds.data.reshape(len(ds.data), X_DIM).float().div_(255)
+    return to_float(train), to_float(test)
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+def check_dims(hidden, latent):
+    for name, value in (("hidden", hidden), ("latent", latent)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} dimension must be a positive integer, got {value!r}")
+
+
+class VAE(nn.Module):
+    """The course's VAE: two LeakyReLU(0.2) layers each side, Gaussian encoder heads."""
+
+    def __init__(self, hidden, latent, x_dim=X_DIM):
+        super().__init__()
+        check_dims(hidden, latent)
+        act = lambda: nn.LeakyReLU(0.2)
+        self.encoder = nn.Sequential(nn.Linear(x_dim, hidden), act(), nn.Linear(hidden, hidden), act())
+        self.mean = nn.Linear(hidden, latent)
+        self.log_var = nn.Linear(hidden, latent)
+        # The decoder ends in logits; the course's sigmoid is applied in vfe_terms and decode.
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), act(), nn.Linear(hidden, hidden), act(),
+                                     nn.Linear(hidden, x_dim))
+
+    def forward(self, x, eps):
+        h = self.encoder(x)
+        mean, log_var = self.mean(h), self.log_var(h)
+        z = mean + torch.exp(0.5 * log_var) * eps  # reparameterisation: noise outside the graph
+        return self.decoder(z), mean, log_var
+
+    def decode(self, z):
+        return torch.sigmoid(self.decoder(z))
+
+
+def n_params_formula(hidden, latent, x_dim=X_DIM):
+    """Closed-form trainable parameters of encoder + decoder (weights and biases)."""
+    encoder = (x_dim * hidden + hidden) + (hidden * hidden + hidden) + 2 * (hidden * latent + latent)
+    decoder = (latent * hidden + hidden) + (hidden * hidden + hidden) + (hidden * x_dim + x_dim)
+    return encoder + decoder
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------
+# Objective
+# ---------------------------------------------------------------------------
+
+def vfe_terms(logits, x, mean, log_var, recon="mse"):
+    """Reconstruction and KL per image (nats), summed over the last axis; VFE = recon + kl.
+
+    "mse": the course's summed squared error, a Gaussian log-likelihood with variance 1/2
+    up to the constant 392 log(pi). "bernoulli": binary cross-entropy on the logits.
+    """
+    if recon == "mse":
+        rec = (torch.sigmoid(logits) - x).pow(2).sum(-1)
+    elif recon == "bernoulli":
+        rec = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    else:
+        raise ValueError(f"unknown reconstruction {recon!r}; choose 'mse' or 'bernoulli'")
+    kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).sum(-1)
+    return rec, kl
+
+
+def active_units(means, threshold=0.01):
+    """Burda et al. (2016): latent units whose posterior mean varies across inputs (Var > 0.01)."""
+    return int((means.var(dim=0) > threshold).sum())
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+def pick_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def versions():
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+
+
+def cell_settings(hidden, latent, **overrides):
+    """The full settings of one grid cell: the course's protocol with overrides."""
+    unknown = set(overrides) - set(PROTOCOL)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(PROTOCOL)}")
+    check_dims(hidden, latent)
+    s = dict(PROTOCOL, hidden=int(hidden), latent=int(latent), **overrides)
+    dataset_class(s["dataset"])
+    if s["recon"] not in ("mse", "bernoulli"):
+        raise ValueError(f"unknown reconstruction {s['recon']!r}; choose 'mse' or 'bernoulli'")
+    for key in ("epochs", "batch_size", "train_size"):
+        if not isinstance(s[key], int) or s[key] < 1:
+            raise ValueError(f"{key} must be a positive integer, got {s[key]!r}")
+    s["weight_decay"] = float(s["weight_decay"])
+    return s
+
+
+def noise(seed, epoch, latent, device):
+    """Reparameterisation noise, seeded by (seed, epoch) alone so a resumed or grouped run agrees."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return lambda rows: torch.randn(rows, latent, generator=g).to(device)
+
+
+def epoch_order(seed, epoch, n):
+    """The data order of one epoch, a function of (seed, epoch) alone."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def check_finite(value, what):
+    if not np.isfinite(value):
+        raise FloatingPointError(f"{what} became {value}: training diverged, so this cell is not stored")
+
+
+def new_record(s, n_par, device):
+    return dict(settings=s, n_params=n_par, device=str(device), versions=versions(),
+                train_vfe=[], test_vfe=[], test_recon=[], test_kl=[], epoch_seconds=[])
+
+
+def append_epoch(rec, train_vfe, test_rec, test_kl, seconds):
+    where = f"h={rec['settings']['hidden']} l={rec['settings']['latent']}"
+    check_finite(train_vfe, f"training VFE of {where}")
+    check_finite(test_rec + test_kl, f"test VFE of {where}")
+    rec["train_vfe"].append(train_vfe)
+    rec["test_recon"].append(test_rec)
+    rec["test_kl"].append(test_kl)
+    rec["test_vfe"].append(test_rec + test_kl)
+    rec["epoch_seconds"].append(seconds)
+
+
+def finish_record(rec, means):
+    test = np.array(rec["test_vfe"])
+    rec["best_epoch"] = int(test.argmin()) + 1
+    rec["best_test_vfe"] = float(test.min())
+    rec["final_test_vfe"] = float(test[-1])
+    rec["active_units"] = active_units(means)
+    rec["wall_seconds"] = float(sum(rec["epoch_seconds"]))
+    return rec
+
+
+@torch.no_grad()
+def test_terms(forward, test_x, draw, recon, chunk=1000):
+    """Mean test reconstruction and KL per image, and the posterior means, under fixed noise."""
+    recs, kls, means = 0.0, 0.0, []
+    for x in test_x.split(chunk):
+        logits, mean, log_var = forward(x, draw(len(x)))
+        rec, kl = vfe_terms(logits, x, mean, log_var, recon)
+        recs, kls = recs + rec.sum(-1), kls + kl.sum(-1)
+        means.append(mean)
+    return recs / len(test_x), kls / len(test_x), torch.cat(means, -2)
+
+
+def train_cell(s, progress=True):
+    """Reference trainer: one model, as the course trains it. Returns (record, model)."""
+    device = pick_device()
+    train_x, test_x = (t.to(device) for t in load_data(s["dataset"]))
+    train_x = train_x[: s["train_size"]]
+    torch.manual_seed(s["seed"])
+    model = VAE(s["hidden"], s["latent"]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    rec = new_record(s, n_params(model), device)
+    for epoch in tqdm(range(1, s["epochs"] + 1), desc=f"h={s['hidden']} l={s['latent']}",
+                      disable=not progress, leave=False):
+        t0, total = time.perf_counter(), 0.0
+        draw = noise(s["seed"], epoch, s["latent"], device)
+        model.train()
+        for idx in epoch_order(s["seed"], epoch, len(train_x)).split(s["batch_size"]):
+            x = train_x[idx.to(device)]
+            logits, mean, log_var = model(x, draw(len(x)))
+            r, k = vfe_terms(logits, x, mean, log_var, s["recon"])
+            loss = (r + k).sum()  # the course sums the VFE over the mini-batch
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        model.eval()
+        r, k, means = test_terms(model, test_x, noise(s["seed"], 0, s["latent"], device), s["recon"])
+        append_epoch(rec, total / len(train_x), float(r), float(k), time.perf_counter() - t0)
+    return finish_record(rec, means), model
+
+
+class GridVAE(nn.Module):
+    """Several VAEs of one hidden size as one model: stacked weights, batched matrix products.
+
+    Latent sizes may differ: units are padded to the largest and masked. A padded unit has
+    mean 0, log-variance 0 and noise 0, so it adds nothing to z, the KL or any gradient.
+    """
+
+    def __init__(self, models):
+        super().__init__()
+        self.latents = [m.mean.out_features for m in models]
+        self.hidden = models[0].mean.in_features
+        L = max(self.latents)
+        pad = lambda w, rows: F.pad(w, (0, 0, 0, rows - len(w)))  # zero rows up to `rows`
+        stack = lambda f: nn.Parameter(torch.stack([f(m).detach() for m in models]))
+        enc, dec = [m.encoder for m in models], [m.decoder for m in models]
+        # The first layer is one wide product for all cells: x @ (784, C*h).
+        self.w1 = nn.Parameter(torch.cat([e[0].weight.T.detach() for e in enc], 1))
+        self.b1 = nn.Parameter(torch.cat([e[0].bias.detach() for e in enc]))
+        self.w2, self.b2 = stack(lambda m: m.encoder[2].weight.T), stack(lambda m: m.encoder[2].bias[None])
+        self.wh = stack(lambda m: torch.cat([pad(m.mean.weight, L), pad(m.log_var.weight, L)]).T)
+        self.bh = stack(lambda m: torch.cat([pad(m.mean.bias[:, None], L), pad(m.log_var.bias[:, None], L)]).T)
+        self.d1, self.c1 = stack(lambda m: pad(m.decoder[0].weight.T, L)), stack(lambda m: m.decoder[0].bias[None])
+        self.d2, self.c2 = stack(lambda m: m.decoder[2].weight.T), stack(lambda m: m.decoder[2].bias[None])
+        self.d3, self.c3 = stack(lambda m: m.decoder[4].weight.T), stack(lambda m: m.decoder[4].bias[None])
+        mask = torch.zeros(len(models), 1, L)
+        for c, l in enumerate(self.latents):
+            mask[c, :, :l] = 1
+        self.register_buffer("mask", mask)
+
+    def forward(self, x, eps):
+        act = lambda t: F.leaky_relu(t, 0.2)
+        C, L = len(self.latents), max(self.latents)
+        a = act(torch.addmm(self.b1, x, self.w1)).view(len(x), C, self.hidden).transpose(0, 1)
+        a = act(torch.baddbmm(self.b2, a, self.w2))
+        heads = torch.baddbmm(self.bh, a, self.wh)
+        mean, log_var = heads[..., :L] * self.mask, heads[..., L:] * self.mask
+        z = mean + torch.exp(0.5 * log_var) * eps
+        d = act(torch.baddbmm(self.c1, z, self.d1))
+        d = act(torch.baddbmm(self.c2, d, self.d2))
+        return torch.baddbmm(self.c3, d, self.d3), mean, log_var
+
+    def cell(self, c):
+        """Cell c as a stand-alone VAE with the current weights."""
+        h, l = self.hidden, self.latents[c]
+        L = max(self.latents)
+        m = VAE(h, l)
+        with torch.no_grad():
+            m.encoder[0].weight.copy_(self.w1[:, c * h:(c + 1) * h].T)
+            m.encoder[0].bias.copy_(self.b1[c * h:(c + 1) * h])
+            m.encoder[2].weight.copy_(self.w2[c].T), m.encoder[2].bias.copy_(self.b2[c, 0])
+            m.mean.weight.copy_(self.wh[c, :, :l].T), m.mean.bias.copy_(self.bh[c, 0, :l])
+            m.log_var.weight.copy_(self.wh[c, :, L:L + l].T), m.log_var.bias.copy_(self.bh[c, 0, L:L + l])
+            m.decoder[0].weight.copy_(self.d1[c, :l].T), m.decoder[0].bias.copy_(self.c1[c, 0])
+            m.decoder[2].weight.copy_(self.d2[c].T), m.decoder[2].bias.copy_(self.c2[c, 0])
+            m.decoder[4].weight.copy_(self.d3[c].T), m.decoder[4].bias.copy_(self.c3[c, 0])
+        return m
+
+
+def grid_noise(cells, epoch, device, L):
+    """Each cell's own noise stream, zero-padded to L latent units and stacked."""
+    draws = [noise(s["seed"], epoch, s["latent"], device) for s in cells]
+    return lambda rows: torch.stack([F.pad(d(rows), (0, L - s["latent"])) for d, s in zip(draws, cells)])
+
+
+def train_epoch(grid, opt, train_x, cells, epoch, batches=None):
+    """One pass over the training images (or its first `batches`); each cell's summed VFE."""
+    s0, L = cells[0], max(grid.latents)
+    draw = grid_noise(cells, epoch, train_x.device, L)
+    totals = torch.zeros(len(cells), device=train_x.device)
+    for idx in epoch_order(s0["seed"], epoch, len(train_x)).split(s0["batch_size"])[:batches]:
+        x = train_x[idx.to(train_x.device)]
+        logits, mean, log_var = grid(x, draw(len(x)))
+        r, k = vfe_terms(logits, x, mean, log_var, s0["recon"])
+        per_cell = (r + k).sum(-1)  # each cell's VFE summed over the mini-batch
+        opt.zero_grad(set_to_none=True)
+        per_cell.sum().backward()
+        opt.step()
+        totals += per_cell.detach()
+    return totals
+
+
+def new_group(cells, device):
+    """A group's stacked model (each cell with its seeded initial weights), its Adam, its sizes."""
+    rest = lambda s: {k: v for k, v in s.items() if k != "latent"}
+    if any(rest(s) != rest(cells[0]) for s in cells):
+        raise ValueError("a group's cells must differ only in their latent size")
+    models = []
+    for s in cells:
+        torch.manual_seed(s["seed"])  # the same initial weights as when trained alone
+        models.append(VAE(s["hidden"], s["latent"]))
+    grid = GridVAE(models).to(device)
+    opt = torch.optim.Adam(grid.parameters(), lr=cells[0]["lr"], weight_decay=cells[0]["weight_decay"])
+    return grid, opt, [n_params(m) for m in models]
+
+
+def train_group(cells, progress=True, checkpoint=None):
+    """Train cells that differ only in latent size together; returns (records, models).
+
+    Adam is elementwise, so one optimiser over the stacked weights is each cell's own Adam.
+    With `checkpoint` (a path) the state is saved after every epoch and resumed from it.
+    """
+    s0, device = cells[0], pick_device()
+    train_x, test_x = (t.to(device) for t in load_data(s0["dataset"]))
+    train_x = train_x[: s0["train_size"]]
+    grid, opt, sizes = new_group(cells, device)
+    records = [new_record(s, n, device) for s, n in zip(cells, sizes)]
+    start = 1
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        grid.load_state_dict(state["grid"]), opt.load_state_dict(state["opt"])
+        records, start = state["records"], state["epoch"] + 1
+    L, C, means = max(grid.latents), len(cells), None
+    name = f"h={s0['hidden']} l={','.join(str(s['latent']) for s in cells)}"
+    for epoch in tqdm(range(start, s0["epochs"] + 1), desc=name, initial=start - 1,
+                      total=s0["epochs"], disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        totals = train_epoch(grid, opt, train_x, cells, epoch)
+        r, k, means = test_terms(grid, test_x, grid_noise(cells, 0, device, L), s0["recon"])
+        seconds = (time.perf_counter() - t0) / C  # each cell's share of the group's time
+        for c in range(C):
+            append_epoch(records[c], float(totals[c]) / len(train_x), float(r[c]), float(k[c]), seconds)
+        if checkpoint is not None:
+            atomic_save({"grid": grid.state_dict(), "opt": opt.state_dict(), "records": records,
+                         "epoch": epoch}, checkpoint, torch.save)
+    if means is None:  # resumed after the last epoch's checkpoint
+        means = test_terms(grid, test_x, grid_noise(cells, 0, device, L), s0["recon"])[2]
+    for c, l in enumerate(grid.latents):
+        finish_record(records[c], means[c, :, :l])
+    return records, [grid.cell(c).cpu() for c in range(C)]
+
+
+def groups(cells, max_params=40_000_000, max_waste=0.1, free_padding=4_000_000):
+    """Split cells into groups that train together: same settings but latent size, padding
+    waste at most `max_waste` of the real work, and at most `max_params` weights in all.
+    Below `free_padding` weights a step costs its overhead more than its arithmetic, so
+    padding is free there."""
+    by_rest = {}
+    for s in sorted(cells, key=lambda s: s["latent"]):
+        by_rest.setdefault(json.dumps({k: v for k, v in s.items() if k != "latent"}, sort_keys=True), []).append(s)
+    out = []
+    for same in by_rest.values():
+        group = []
+        for s in same:
+            trial = group + [s]
+            real = sum(n_params_formula(t["hidden"], t["latent"]) for t in trial)
+            padded = len(trial) * n_params_formula(s["hidden"], s["latent"])
+            wasteful = padded > (1 + max_waste) * real and padded > free_padding
+            if group and (wasteful or padded > max_params):
+                out.append(group)
+                trial = [s]
+            group = trial
+        out.append(group)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Experiments
+# ---------------------------------------------------------------------------
+
+def atomic_save(obj, path, save):
+    """Write to a temporary file, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cell_path(s, results_dir=RESULTS_DIR):
+    """Where a cell's record lives: a readable name plus a hash of every setting."""
+    digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
+    slug = f"{s['dataset']}-h{s['hidden']}-l{s['latent']}-wd{s['weight_decay']:g}-e{s['epochs']}-s{s['seed']}"
+    return Path(results_dir) / "cells" / f"{slug}-{digest}.json"
+
+
+def weights_path(s, results_dir=RESULTS_DIR):
+    return Path(results_dir) / "weights" / cell_path(s).with_suffix(".pt").name
+
+
+def load_cell(path, s):
+    """A stored record, checked to be the cell asked for."""
+    try:
+        rec = json.loads(Path(path).read_text())
+        stored = rec["settings"]
+        rec["best_test_vfe"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ResultsError(f"{path} is corrupt ({err!r}); it was left as it is. "
+                           f"Delete it to retrain that cell.") from None
+    if stored != s:
+        raise ResultsError(f"{path} holds a cell trained with {stored}, not {s}; "
+                           f"it was left as it is. Delete it to retrain that cell.")
+    return rec
+
+
+def run_cells(cells, results_dir=RESULTS_DIR, progress=True):
+    """Records for every cell: stored ones reused, the rest trained in groups and stored at once."""
+    results_dir = Path(results_dir)
+    stored = {i: load_cell(cell_path(s, results_dir), s) for i, s in enumerate(cells)
+              if cell_path(s, results_dir).exists()}
+    todo = [s for i, s in enumerate(cells) if i not in stored]
+    todo = [s for i, s in enumerate(todo) if s not in todo[:i]]  # a cell asked for twice trains once
+    for group in tqdm(groups(todo), desc="groups", disable=not progress or not todo):
+        key = hashlib.sha1(json.dumps(group, sort_keys=True).encode()).hexdigest()[:16]
+        checkpoint = results_dir / "checkpoints" / f"{key}.pt"
+        records, models = train_group(group, progress, checkpoint)
+        for s, rec, model in zip(group, records, models):
+            atomic_save(model.state_dict(), weights_path(s, results_dir), torch.save)
+            atomic_save(rec, cell_path(s, results_dir), lambda r, p: Path(p).write_text(json.dumps(r, indent=1)))
+        checkpoint.unlink(missing_ok=True)
+    return [load_cell(cell_path(s, results_dir), s) for s in cells]
+
+
+def grid(hiddens, latents, **overrides):
+    return [cell_settings(h, l, **overrides) for h in hiddens for l in latents]
+
+
+Q4_HIDDEN, Q4_LATENT = [5, 50, 200, 500], [5, 10, 100, 300]
+Q5_HIDDEN, Q5_LATENT = [2 ** k for k in range(7, 11)], [2 ** k for k in range(1, 9)]
+Q6_WEIGHT_DECAY = 1.0  # provisional: issue #4 chooses it by a sweep
+# Until the whole study runs at 30 epochs (issue #4), Q5 to Q7 use these short protocols.
+SHORT = dict(epochs=2)
+# Q7's wide models, at the latent size Q4 found best, pass 60,000 x 784 values: P(4000, 10)
+# is 38 million parameters, P(5000, 10) 58 million.
+Q7_LATENT = 10
+Q7_WIDE = [cell_settings(h, Q7_LATENT, epochs=1) for h in (2000, 4000, 5000, 6000)]
+
+EXPERIMENTS = {
+    "q4": lambda: grid(Q4_HIDDEN, Q4_LATENT),
+    "q5": lambda: grid(Q5_HIDDEN, Q5_LATENT, **SHORT),
+    "q6": lambda: grid(Q4_HIDDEN, Q4_LATENT, weight_decay=Q6_WEIGHT_DECAY, **SHORT),
+    "q7": lambda: grid(Q4_HIDDEN, Q4_LATENT) + Q7_WIDE,
+}
+
+
+def experiment_cells(name):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)} or 'all'")
+    return EXPERIMENTS[name]()
+
+
+def summary_table(records):
+    """One row per cell: the columns of results/<name>.csv."""
+    import pandas as pd
+    rows = [dict(hidden_dim=r["settings"]["hidden"], latent_dim=r["settings"]["latent"],
+                 weight_decay=r["settings"]["weight_decay"], epochs=r["settings"]["epochs"],
+                 seed=r["settings"]["seed"], n_params=r["n_params"],
+                 best_test_vfe=round(r["best_test_vfe"], 3), best_epoch=r["best_epoch"],
+                 final_test_vfe=round(r["final_test_vfe"], 3),
+                 final_train_vfe=round(r["train_vfe"][-1], 3), active_units=r["active_units"],
+                 wall_seconds=round(r["wall_seconds"], 1)) for r in records]
+    return pd.DataFrame(rows)
+
+
+def run_experiment(name, results_dir=RESULTS_DIR, progress=True):
+    """Run or resume one question's grid, write results/<name>.csv, return (table, records)."""
+    records = run_cells(experiment_cells(name), results_dir, progress)
+    table = summary_table(records)
+    atomic_save(table, Path(results_dir) / f"{name}.csv", lambda t, p: t.to_csv(p, index=False))
+    return table, records
+
+
+def first_epochs(rec, epochs):
+    """A record as if training had stopped after `epochs` epochs (same settings otherwise)."""
+    if epochs > len(rec["test_vfe"]):
+        raise ValueError(f"the record has {len(rec['test_vfe'])} epochs, fewer than {epochs}")
+    cut = {k: (x[:epochs] if isinstance(x, list) else x) for k, x in rec.items()}
+    cut["settings"] = dict(rec["settings"], epochs=epochs)
+    test = np.array(cut["test_vfe"])
+    cut.update(best_epoch=int(test.argmin()) + 1, best_test_vfe=float(test.min()),
+               final_test_vfe=float(test[-1]), wall_seconds=float(sum(cut["epoch_seconds"])))
+    cut["active_units"] = rec["active_units"] if epochs == len(rec["test_vfe"]) else None
+    return cut
+
+
+def best_model(records, results_dir=RESULTS_DIR):
+    """(record, VAE) of the cell with the lowest best test VFE, its final weights kept in
+    results/sample_vae.pt (a few MB, committed) so the samples need no training."""
+    best = min(records, key=lambda r: r["best_test_vfe"])
+    path = Path(results_dir) / "sample_vae.pt"
+    if not path.exists() or torch.load(path)["settings"] != best["settings"]:
+        state = torch.load(weights_path(best["settings"], results_dir), map_location="cpu")
+        atomic_save({"settings": best["settings"], "state": state}, path, torch.save)
+    model = VAE(best["settings"]["hidden"], best["settings"]["latent"])
+    model.load_state_dict(torch.load(path, map_location="cpu")["state"])
+    return best, model.eval()
+
+
+# ---------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------
+
+VFE_LABEL = "test VFE (nats per image)"
+
+
+def heatmap(table, title, value="best_test_vfe", label=VFE_LABEL, ax=None, fmt=".1f", cmap="viridis", center=None):
+    """Rows: hidden size; columns: latent size; every cell annotated with its value."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    grid_ = table.pivot(index="hidden_dim", columns="latent_dim", values=value)
+    ax = ax or plt.subplots(figsize=(1.2 * grid_.shape[1] + 2.5, 0.8 * grid_.shape[0] + 1.5))[1]
+    sns.heatmap(grid_, annot=True, fmt=fmt, cmap=cmap, center=center, ax=ax, cbar_kws={"label": label})
+    ax.set_xlabel("latent dimension l (units)")
+    ax.set_ylabel("hidden dimension h (units)")
+    ax.set_title(title)
+    return ax
+
+
+def vfe_vs_params(table, title, ax=None):
+    """Best test VFE against total trainable parameters, with the training-data line."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(8, 5))[1]
+    for l, rows in table.groupby("latent_dim"):
+        ax.plot(rows["n_params"], rows["best_test_vfe"], "o", label=f"latent l = {l}")
+    ax.axvline(TRAIN_VALUES, color="k", ls="--", label=f"training data: 60,000 x 784 = {TRAIN_VALUES:,} values")
+    ax.axvline(60_000, color="grey", ls=":", label="training data: 60,000 images")
+    ax.set_xscale("log")
+    ax.set_xlabel("total trainable parameters (count, log scale)")
+    ax.set_ylabel("best " + VFE_LABEL)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def learning_curves(records, title, ax=None):
+    """Test (solid) and training (dashed) VFE per epoch for each record."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(8, 5))[1]
+    for r in records:
+        s, epochs = r["settings"], range(1, len(r["test_vfe"]) + 1)
+        line, = ax.plot(epochs, r["test_vfe"], label=f"h={s['hidden']}, l={s['latent']}")
+        ax.plot(epochs, r["train_vfe"], ls="--", color=line.get_color())
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("VFE (nats per image); solid test, dashed training")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def image_grid(images, title, path=None, nrow=8, ax=None):
+    """Show (and optionally save) images of shape (n, 784) as one grid."""
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid, save_image
+    images = images.detach().reshape(-1, 1, 28, 28).cpu()
+    if path is not None:
+        save_image(images, path, nrow=nrow)
+    ax = ax or plt.subplots(figsize=(6, 6 * ((len(images) + nrow - 1) // nrow) / nrow))[1]
+    ax.imshow(make_grid(images, nrow=nrow, pad_value=1).permute(1, 2, 0))
+    ax.set_title(title)
+    ax.axis("off")
+    return ax
+
+
+@torch.no_grad()
+def generate(model, n=64, seed=0):
+    """Decoder outputs for n draws of z ~ N(0, I) from a seeded generator, as (n, 784)."""
+    z = torch.randn(n, model.mean.out_features, generator=torch.Generator().manual_seed(seed))
+    return model.decode(z)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run or resume a question's experiments, then print its table.")
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS) + ["all"])
+    parser.add_argument("--results", default=str(RESULTS_DIR),
+                        help="results folder (default: results/; name a new one to re-run from scratch)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    import pandas as pd
+    pd.set_option("display.width", 200)
+    for name in sorted(EXPERIMENTS) if args.experiment == "all" else [args.experiment]:
+        table, _ = run_experiment(name, args.results, progress=not args.no_progress)
+        print(f"\n{name} ({len(table)} cells), written to {Path(args.results) / (name + '.csv')}")
+        print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
