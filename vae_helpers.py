@@ -171,7 +171,21 @@ def active_units(means, threshold=0.01):
 # ---------------------------------------------------------------------------
 
 def pick_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when there is one, else the CPU, tuned for large tensors."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    keep_freed_memory()
+    return torch.device("cpu")
+
+
+def keep_freed_memory(keep=True):
+    """glibc hands large freed blocks back to the OS and faults them in again on every step;
+    keeping them makes a big group's step faster (benchmarks/grid_speed.py measures it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        size = 1 << 30 if keep else 128 * 1024  # 128 KiB: glibc's default
+        libc.mallopt(-3, size), libc.mallopt(-1, size)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 def versions():
@@ -256,7 +270,7 @@ def train_cell(s, progress=True):
     train_x = train_x[: s["train_size"]]
     torch.manual_seed(s["seed"])
     model = VAE(s["hidden"], s["latent"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    opt = torch.optim.Adam(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], fused=True)
     rec = new_record(s, n_params(model), device)
     for epoch in tqdm(range(1, s["epochs"] + 1), desc=f"h={s['hidden']} l={s['latent']}",
                       disable=not progress, leave=False):
@@ -369,7 +383,7 @@ def new_group(cells, device):
         torch.manual_seed(s["seed"])  # the same initial weights as when trained alone
         models.append(VAE(s["hidden"], s["latent"]))
     grid = GridVAE(models).to(device)
-    opt = torch.optim.Adam(grid.parameters(), lr=cells[0]["lr"], weight_decay=cells[0]["weight_decay"])
+    opt = torch.optim.Adam(grid.parameters(), lr=cells[0]["lr"], weight_decay=cells[0]["weight_decay"], fused=True)
     return grid, opt, [n_params(m) for m in models]
 
 
@@ -509,6 +523,11 @@ EXPERIMENTS = {
     "q5": lambda: grid(Q5_HIDDEN, Q5_LATENT, **SHORT),
     "q6": lambda: grid(Q4_HIDDEN, Q4_LATENT, weight_decay=Q6_WEIGHT_DECAY, **SHORT),
     "q7": lambda: grid(Q4_HIDDEN, Q4_LATENT) + Q7_WIDE,
+    # A first look at the weight-decay scale (issue #4 sweeps it properly at 30 epochs).
+    "q6_sweep": lambda: [cell_settings(h, 10, weight_decay=wd, **SHORT)
+                         for h in (50, 500) for wd in (0.0, 0.01, 0.1, 1.0, 10.0)],
+    # What the course's Gaussian (squared-error) decoder does against a Bernoulli one.
+    "recon": lambda: [cell_settings(200, 100, recon=r, epochs=5) for r in ("mse", "bernoulli")],
 }
 
 
@@ -522,7 +541,8 @@ def summary_table(records):
     """One row per cell: the columns of results/<name>.csv."""
     import pandas as pd
     rows = [dict(hidden_dim=r["settings"]["hidden"], latent_dim=r["settings"]["latent"],
-                 weight_decay=r["settings"]["weight_decay"], epochs=r["settings"]["epochs"],
+                 weight_decay=r["settings"]["weight_decay"], recon=r["settings"]["recon"],
+                 epochs=r["settings"]["epochs"],
                  seed=r["settings"]["seed"], n_params=r["n_params"],
                  best_test_vfe=round(r["best_test_vfe"], 3), best_epoch=r["best_epoch"],
                  final_test_vfe=round(r["final_test_vfe"], 3),
