@@ -551,9 +551,14 @@ def summary_table(records):
     return pd.DataFrame(rows)
 
 
-def run_experiment(name, results_dir=RESULTS_DIR, progress=True):
-    """Run or resume one question's grid, write results/<name>.csv, return (table, records)."""
-    records = run_cells(experiment_cells(name), results_dir, progress)
+def run_experiment(name, results_dir=RESULTS_DIR, progress=True, epochs=None):
+    """Run or resume one question's grid, write results/<name>.csv, return (table, records).
+    With `epochs`, every cell trains that long instead, and the table is <name>_e<epochs>.csv."""
+    cells = experiment_cells(name)
+    if epochs is not None:
+        cells = [cell_settings(**dict(s, epochs=epochs)) for s in cells]
+        name = f"{name}_e{epochs}"
+    records = run_cells(cells, results_dir, progress)
     table = summary_table(records)
     atomic_save(table, Path(results_dir) / f"{name}.csv", lambda t, p: t.to_csv(p, index=False))
     return table, records
@@ -666,12 +671,15 @@ def main(argv=None):
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS) + ["all"])
     parser.add_argument("--results", default=str(RESULTS_DIR),
                         help="results folder (default: results/; name a new one to re-run from scratch)")
+    parser.add_argument("--epochs", type=int, help="train every cell this many epochs instead of the "
+                        "experiment's own protocol; the table goes to results/<name>_e<N>.csv")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     import pandas as pd
     pd.set_option("display.width", 200)
     for name in sorted(EXPERIMENTS) if args.experiment == "all" else [args.experiment]:
-        table, _ = run_experiment(name, args.results, progress=not args.no_progress)
+        table, _ = run_experiment(name, args.results, not args.no_progress, args.epochs)
+        name = name if args.epochs is None else f"{name}_e{args.epochs}"
         print(f"\n{name} ({len(table)} cells), written to {Path(args.results) / (name + '.csv')}")
         print(table.to_string(index=False))
 

@@ -265,6 +265,13 @@ def test_command_line_runs_an_experiment_and_prints_its_table(tmp_path, monkeypa
     assert "best_test_vfe" in out and (tmp_path / "q4.csv").exists()
 
 
+def test_command_line_epochs_override_trains_that_long_into_its_own_table(tmp_path, monkeypatch):
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2)])
+    v.main(["q4", "--results", str(tmp_path), "--no-progress", "--epochs", "2"])
+    assert not (tmp_path / "q4.csv").exists()
+    assert (tmp_path / "q4_e2.csv").read_text().splitlines()[1].split(",")[4] == "2"  # the epochs column
+
+
 def test_command_line_refuses_an_unknown_experiment(capsys):
     with pytest.raises(SystemExit):
         v.main(["q9"])
