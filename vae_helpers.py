@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -634,7 +634,7 @@ def learning_curves(records, title, ax=None):
         s, epochs = r["settings"], range(1, len(r["test_vfe"]) + 1)
         line, = ax.plot(epochs, r["test_vfe"], label=f"h={s['hidden']}, l={s['latent']}")
         ax.plot(epochs, r["train_vfe"], ls="--", color=line.get_color())
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (passes over the training images)")
     ax.set_ylabel("VFE (nats per image); solid test, dashed training")
     ax.set_title(title)
     ax.legend(fontsize=8)
