@@ -306,7 +306,7 @@ class GridVAE(nn.Module):
         L = max(self.latents)
         pad = lambda w, rows: F.pad(w, (0, 0, 0, rows - len(w)))  # zero rows up to `rows`
         stack = lambda f: nn.Parameter(torch.stack([f(m).detach() for m in models]))
-        enc, dec = [m.encoder for m in models], [m.decoder for m in models]
+        enc = [m.encoder for m in models]
         # The first layer is one wide product for all cells: x @ (784, C*h).
         self.w1 = nn.Parameter(torch.cat([e[0].weight.T.detach() for e in enc], 1))
         self.b1 = nn.Parameter(torch.cat([e[0].bias.detach() for e in enc]))
