@@ -551,16 +551,20 @@ def summary_table(records):
     return pd.DataFrame(rows)
 
 
+def table_name(name, epochs=None):
+    """The summary table's name: the experiment's, with _e<N> when its epochs are overridden."""
+    return name if epochs is None else f"{name}_e{epochs}"
+
+
 def run_experiment(name, results_dir=RESULTS_DIR, progress=True, epochs=None):
     """Run or resume one question's grid, write results/<name>.csv, return (table, records).
     With `epochs`, every cell trains that long instead, and the table is <name>_e<epochs>.csv."""
     cells = experiment_cells(name)
     if epochs is not None:
         cells = [cell_settings(**dict(s, epochs=epochs)) for s in cells]
-        name = f"{name}_e{epochs}"
     records = run_cells(cells, results_dir, progress)
     table = summary_table(records)
-    atomic_save(table, Path(results_dir) / f"{name}.csv", lambda t, p: t.to_csv(p, index=False))
+    atomic_save(table, Path(results_dir) / f"{table_name(name, epochs)}.csv", lambda t, p: t.to_csv(p, index=False))
     return table, records
 
 
@@ -679,7 +683,7 @@ def main(argv=None):
     pd.set_option("display.width", 200)
     for name in sorted(EXPERIMENTS) if args.experiment == "all" else [args.experiment]:
         table, _ = run_experiment(name, args.results, not args.no_progress, args.epochs)
-        name = name if args.epochs is None else f"{name}_e{args.epochs}"
+        name = table_name(name, args.epochs)
         print(f"\n{name} ({len(table)} cells), written to {Path(args.results) / (name + '.csv')}")
         print(table.to_string(index=False))
 
