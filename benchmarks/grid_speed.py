@@ -20,9 +20,9 @@ import vae_helpers as v  # noqa: E402
 BATCHES_PER_EPOCH = 60_000 // 100
 
 
-def matmul_rate(n=2048, repeats=20):
-    """The machine's float32 matrix-multiply rate (FLOP/s), from a large torch.mm."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n=2048, repeats=20, dtype=torch.float32):
+    """The machine's matrix-multiply rate (FLOP/s), from a large torch.mm."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -60,6 +60,7 @@ def grid_way(cells, batches):
     seconds = 0.0
     for group in v.groups(cells):
         grid, opt, _ = v.new_group(group, torch.device("cpu"))
+        v.train_epoch(grid, opt, train_x, group, epoch=0, batches=2)  # first-touch memory and kernels are not timed
         t0 = time.perf_counter()
         v.train_epoch(grid, opt, train_x, group, epoch=1, batches=batches)
         seconds += time.perf_counter() - t0
@@ -69,7 +70,9 @@ def grid_way(cells, batches):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=60, help="mini-batches timed per model or group")
-    parser.add_argument("--grids", nargs="+", default=["q4", "q5"], choices=["q4", "q5"])
+    parser.add_argument("--grids", nargs="*", default=["q4", "q5"], choices=["q4", "q5"])
+    parser.add_argument("--wide", type=int, nargs="*", default=[4000],
+                        help="hidden sizes of Q7 wide cells (l=10) to time in float32 and bfloat16")
     args = parser.parse_args()
     grids = {"q4": v.grid(v.Q4_HIDDEN, v.Q4_LATENT), "q5": v.grid(v.Q5_HIDDEN, v.Q5_LATENT)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -94,6 +97,17 @@ def main():
         print(f"  matrix-multiply limit: {limit:.1f} s; (b) takes {ours / limit:.2f}x that, "
               f"reaching {limit / ours:.0%} of the rate")
         print(f"  peak memory of this process so far: {peak:.2f} GB")
+    if args.wide:
+        print(f"\nbfloat16 matrix-multiply rate: {matmul_rate(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")
+    for h in args.wide:
+        fp32 = v.cell_settings(h, v.Q7_LATENT)
+        bf16 = v.cell_settings(h, v.Q7_LATENT, precision="bfloat16")
+        limit = 6 * 60_000 * v.n_params_formula(h, v.Q7_LATENT) / rate
+        t32, t16 = grid_way([fp32], args.batches), grid_way([bf16], args.batches)
+        print(f"\nQ7 wide cell h={h}, l={v.Q7_LATENT} ({v.n_params_formula(h, v.Q7_LATENT):,} weights), one epoch:")
+        print(f"  float32 : {t32:8.1f} s ({limit / t32:.0%} of the float32 rate)")
+        print(f"  bfloat16: {t16:8.1f} s (autocast: products in bfloat16, weights and Adam in float32)")
+        print(f"  speed-up float32/bfloat16: {t32 / t16:.2f}x")
 
 
 if __name__ == "__main__":

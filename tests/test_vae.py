@@ -275,6 +275,30 @@ def test_unknown_setting_is_refused():
         v.cell_settings(5, 5, learning_rate=1)
 
 
+def test_stored_records_train_nothing_and_name_the_missing_cells(tmp_path, monkeypatch):
+    monkeypatch.setitem(v.EXPERIMENTS, "q7", lambda: [tiny(latent=2), tiny(latent=3)])
+    done = v.run_cells([tiny(latent=2)], tmp_path, progress=False)
+    monkeypatch.setattr(v, "train_group", lambda *a, **k: pytest.fail("stored_records trained a cell"))
+    assert v.stored_records("q7", tmp_path) == (done, [tiny(latent=3)])
+
+
+def test_float32_precision_is_left_out_so_older_records_keep_their_names():
+    assert v.cell_settings(5, 5, precision="float32") == v.cell_settings(5, 5)
+    assert "precision" not in v.cell_settings(5, 5)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="unknown precision"):
+        v.cell_settings(5, 5, precision="float16")
+
+
+def test_a_bfloat16_cell_is_stored_apart_and_trains_close_to_float32(tmp_path):
+    fp32, bf16 = v.run_cells([tiny(hidden=50), tiny(hidden=50, precision="bfloat16")], tmp_path, progress=False)
+    assert v.cell_path(tiny(hidden=50), tmp_path) != v.cell_path(bf16["settings"], tmp_path)
+    assert bf16["train_vfe"][0] != fp32["train_vfe"][0]  # the products really ran in bfloat16
+    assert bf16["test_vfe"][0] == pytest.approx(fp32["test_vfe"][0], rel=0.02)
+
+
 def test_command_line_runs_an_experiment_and_prints_its_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2)])
     v.main(["q4", "--results", str(tmp_path), "--no-progress"])
