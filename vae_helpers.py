@@ -532,7 +532,7 @@ Q5_HIDDEN, Q5_LATENT = [2 ** k for k in range(7, 11)], [2 ** k for k in range(1,
 Q6_WEIGHT_DECAY = 1.0
 SEED_CELLS = [(50, 10), (200, 10), (500, 10), (1024, 8)]
 # Q7's wide models, at the latent size Q4 found best, pass 60,000 x 784 values: two below
-# (P(3200, 10) = 25.6M is within a factor 2) and two above (P(4500, 10) = 47.6M, P(5000, 10) = 58.0M).
+# (P(3200, 10) = 25.6M is within a factor 2) and two above (P(4500, 10) = 47.7M, P(5000, 10) = 58.0M).
 # On a 2-core CPU each costs about 1.5 minutes per million weights at 30 epochs.
 Q7_LATENT = 10
 Q7_WIDE = [cell_settings(h, Q7_LATENT) for h in (2000, 3200, 4500, 5000)]
@@ -597,19 +597,6 @@ def stored_records(name, results_dir=RESULTS_DIR):
     cells = experiment_cells(name)
     have = [s for s in cells if cell_path(s, results_dir).exists()]
     return [load_cell(cell_path(s, results_dir), s) for s in have], [s for s in cells if s not in have]
-
-
-def first_epochs(rec, epochs):
-    """A record as if training had stopped after `epochs` epochs (same settings otherwise)."""
-    if epochs > len(rec["test_vfe"]):
-        raise ValueError(f"the record has {len(rec['test_vfe'])} epochs, fewer than {epochs}")
-    cut = {k: (x[:epochs] if isinstance(x, list) else x) for k, x in rec.items()}
-    cut["settings"] = dict(rec["settings"], epochs=epochs)
-    test = np.array(cut["test_vfe"])
-    cut.update(best_epoch=int(test.argmin()) + 1, best_test_vfe=float(test.min()),
-               final_test_vfe=float(test[-1]), wall_seconds=float(sum(cut["epoch_seconds"])))
-    cut["active_units"] = rec["active_units"] if epochs == len(rec["test_vfe"]) else None
-    return cut
 
 
 def best_model(records, results_dir=RESULTS_DIR):

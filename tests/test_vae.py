@@ -248,15 +248,6 @@ def test_experiment_writes_its_summary_table(tmp_path, monkeypatch):
     assert len(csv) == 3 and list(table["latent_dim"]) == [2, 3]
 
 
-def test_first_epochs_reads_a_record_as_if_training_had_stopped_early():
-    rec, _ = v.train_cell(tiny(epochs=3), progress=False)
-    cut = v.first_epochs(rec, 2)
-    assert cut["test_vfe"] == rec["test_vfe"][:2] and cut["settings"]["epochs"] == 2
-    assert cut["best_test_vfe"] == min(rec["test_vfe"][:2]) and cut["final_test_vfe"] == rec["test_vfe"][1]
-    with pytest.raises(ValueError, match="fewer than 4"):
-        v.first_epochs(rec, 4)
-
-
 def test_best_model_is_the_lowest_vfe_cell_and_is_kept_for_sampling(tmp_path):
     records = v.run_cells([tiny(latent=2), tiny(hidden=30, latent=2)], tmp_path, progress=False)
     best, model = v.best_model(records, tmp_path)
