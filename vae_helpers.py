@@ -503,12 +503,16 @@ def load_cell(path, s):
     return rec
 
 
+def stored_and_missing(cells, results_dir=RESULTS_DIR):
+    """The stored records among `cells` (each checked), and the settings of those not stored."""
+    have = [s for s in cells if cell_path(s, results_dir).exists()]
+    return [load_cell(cell_path(s, results_dir), s) for s in have], [s for s in cells if s not in have]
+
+
 def run_cells(cells, results_dir=RESULTS_DIR, progress=True):
     """Records for every cell: stored ones reused, the rest trained in groups and stored at once."""
     results_dir = Path(results_dir)
-    stored = {i: load_cell(cell_path(s, results_dir), s) for i, s in enumerate(cells)
-              if cell_path(s, results_dir).exists()}
-    todo = [s for i, s in enumerate(cells) if i not in stored]
+    _, todo = stored_and_missing(cells, results_dir)
     todo = [s for i, s in enumerate(todo) if s not in todo[:i]]  # a cell asked for twice trains once
     for group in tqdm(groups(todo), desc="groups", disable=not progress or not todo):
         key = hashlib.sha1(json.dumps(group, sort_keys=True).encode()).hexdigest()[:16]
@@ -566,7 +570,7 @@ def summary_table(records):
     rows = [dict(hidden_dim=r["settings"]["hidden"], latent_dim=r["settings"]["latent"],
                  weight_decay=r["settings"]["weight_decay"], recon=r["settings"]["recon"],
                  epochs=r["settings"]["epochs"],
-                 seed=r["settings"]["seed"], precision=r["settings"].get("precision", "float32"),
+                 seed=r["settings"]["seed"], precision=r["settings"].get("precision", OPTIONS["precision"]),
                  n_params=r["n_params"],
                  best_test_vfe=round(r["best_test_vfe"], 3), best_epoch=r["best_epoch"],
                  final_test_vfe=round(r["final_test_vfe"], 3),
@@ -594,9 +598,7 @@ def run_experiment(name, results_dir=RESULTS_DIR, progress=True, epochs=None):
 
 def stored_records(name, results_dir=RESULTS_DIR):
     """The stored records of an experiment's cells (training nothing), and the settings it still lacks."""
-    cells = experiment_cells(name)
-    have = [s for s in cells if cell_path(s, results_dir).exists()]
-    return [load_cell(cell_path(s, results_dir), s) for s in have], [s for s in cells if s not in have]
+    return stored_and_missing(experiment_cells(name), results_dir)
 
 
 def best_model(records, results_dir=RESULTS_DIR):
