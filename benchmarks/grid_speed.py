@@ -1,6 +1,6 @@
 """Seconds per training epoch of a whole grid: the course notebook's way against the grid trainer.
 
-Run: .venv/bin/python benchmarks/grid_speed.py [--batches N] [--grids q4 q5]
+Run: .venv/bin/python benchmarks/grid_speed.py [--batches N] [--grids q4 q5] [--wide H ...] [--profile H ...]
 Both ways, and the machine's float32 matrix-multiply rate, are measured in this one process.
 A subset of N mini-batches is timed and scaled to the 600 of a full epoch.
 """
@@ -54,17 +54,45 @@ def course_way(cells, batches):
     return seconds * BATCHES_PER_EPOCH / batches
 
 
-def grid_way(cells, batches):
-    """The project's grid trainer over the same cells."""
+def grid_way(cells, batches, breakdown=None):
+    """The project's grid trainer over the same cells. With `breakdown` (a list), one row per
+    group is appended: its weights, its seconds, and the seconds of Adam's steps alone."""
     train_x, _ = v.load_data()
     seconds = 0.0
     for group in v.groups(cells):
-        grid, opt, _ = v.new_group(group, torch.device("cpu"))
+        grid, opt, sizes = v.new_group(group, torch.device("cpu"))
         v.train_epoch(grid, opt, train_x, group, epoch=0, batches=2)  # first-touch memory and kernels are not timed
         t0 = time.perf_counter()
         v.train_epoch(grid, opt, train_x, group, epoch=1, batches=batches)
-        seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        seconds += took
+        if breakdown is not None:  # Adam reads and writes 4 numbers per weight: memory-bound, not in the FLOP count
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                opt.step()
+            scale = BATCHES_PER_EPOCH / batches
+            breakdown.append(dict(hidden=group[0]["hidden"], cells=len(group), weights=sum(sizes),
+                                  seconds=took * scale, adam=(time.perf_counter() - t0) * scale))
     return seconds * BATCHES_PER_EPOCH / batches
+
+
+def profile_table(cells, batches, rows=12):
+    """torch.profiler's table of the ops that take a group's training steps' time."""
+    train_x, _ = v.load_data()
+    grid, opt, _ = v.new_group(cells, torch.device("cpu"))
+    v.train_epoch(grid, opt, train_x, cells, epoch=0, batches=2)
+    with torch.profiler.profile() as prof:
+        v.train_epoch(grid, opt, train_x, cells, epoch=1, batches=batches)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def study_limit(rate):
+    """Hours the whole study (every distinct cell of every experiment) needs at `rate` FLOP/s."""
+    import json
+    cells = {json.dumps(s, sort_keys=True): s for name in v.EXPERIMENTS for s in v.experiment_cells(name)}
+    flop = sum(6 * s["train_size"] * s["epochs"] * v.n_params_formula(s["hidden"], s["latent"])
+               for s in cells.values())
+    return len(cells), flop / rate / 3600
 
 
 def main():
@@ -73,12 +101,16 @@ def main():
     parser.add_argument("--grids", nargs="*", default=["q4", "q5"], choices=["q4", "q5"])
     parser.add_argument("--wide", type=int, nargs="*", default=[4000],
                         help="hidden sizes of Q7 wide cells (l=10) to time in float32 and bfloat16")
+    parser.add_argument("--profile", type=int, nargs="*", default=[],
+                        help="hidden sizes of Q4 groups to profile op by op (e.g. 5 500)")
     args = parser.parse_args()
     grids = {"q4": v.grid(v.Q4_HIDDEN, v.Q4_LATENT), "q5": v.grid(v.Q5_HIDDEN, v.Q5_LATENT)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.batches} of {BATCHES_PER_EPOCH} mini-batches timed per model or group, then scaled")
     rate = matmul_rate()
     print(f"float32 matrix-multiply rate: {rate / 1e9:.1f} GFLOP/s")
+    n, hours = study_limit(rate)
+    print(f"the whole study ({n} distinct cells of {len(v.EXPERIMENTS)} experiments) at that rate: {hours:.1f} h")
     for name in args.grids:
         cells = grids[name]
         weights = sum(v.n_params_formula(s["hidden"], s["latent"]) for s in cells)
@@ -87,7 +119,8 @@ def main():
         course = course_way(cells, args.batches)
         plain = grid_way(cells, args.batches)
         v.keep_freed_memory(True)  # as vae_helpers trains on the CPU
-        ours = grid_way(cells, args.batches)
+        rows = []
+        ours = grid_way(cells, args.batches, rows)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         print(f"\n{name}: {len(cells)} cells, {weights:,} weights")
         print(f"  (a) course's way: {course:8.1f} s per grid-epoch")
@@ -97,6 +130,16 @@ def main():
         print(f"  matrix-multiply limit: {limit:.1f} s; (b) takes {ours / limit:.2f}x that, "
               f"reaching {limit / ours:.0%} of the rate")
         print(f"  peak memory of this process so far: {peak:.2f} GB")
+        print("  where (b)'s time goes, group by group (seconds per grid-epoch):")
+        print("     h  cells     weights   total  matmul limit   Adam alone   rest")
+        for r in rows:
+            mm = 6 * 60_000 * r["weights"] / rate
+            print(f"  {r['hidden']:4d}  {r['cells']:5d}  {r['weights']:10,d}  {r['seconds']:6.1f}  {mm:12.1f}"
+                  f"  {r['adam']:11.1f}  {r['seconds'] - mm - r['adam']:5.1f}")
+    for h in args.profile:
+        group = v.groups(v.grid([h], v.Q4_LATENT))[0]
+        print(f"\nprofile of the Q4 group h={h}, l = {[s['latent'] for s in group]}, {args.batches} training steps:")
+        print(profile_table(group, args.batches))
     if args.wide:
         print(f"\nbfloat16 matrix-multiply rate: {matmul_rate(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")
     for h in args.wide:
