@@ -537,7 +537,7 @@ Q6_WEIGHT_DECAY = 1.0
 SEED_CELLS = [(50, 10), (200, 10), (500, 10), (1024, 8)]
 # Q7's wide models, at the latent size Q4 found best, pass 60,000 x 784 values: two below
 # (P(3200, 10) = 25.6M is within a factor 2) and two above (P(4500, 10) = 47.7M, P(5000, 10) = 58.0M).
-# On a 2-core CPU each costs about 1.5 minutes per million weights at 30 epochs.
+# On a 2-core CPU each costs 1.5 to 2 minutes per million weights at 30 epochs (17 min to over 2 h).
 Q7_LATENT = 10
 Q7_WIDE = [cell_settings(h, Q7_LATENT) for h in (2000, 3200, 4500, 5000)]
 
