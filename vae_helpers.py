@@ -234,20 +234,19 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def check_finite(value, what):
-    if not np.isfinite(value):
-        raise FloatingPointError(f"{what} became {value}: training diverged, so this cell is not stored")
-
-
 def new_record(s, n_par, device):
     return dict(settings=s, n_params=n_par, device=str(device), versions=versions(),
                 train_vfe=[], test_vfe=[], test_recon=[], test_kl=[], epoch_seconds=[])
 
 
 def append_epoch(rec, train_vfe, test_rec, test_kl, seconds):
-    where = f"h={rec['settings']['hidden']} l={rec['settings']['latent']}"
-    check_finite(train_vfe, f"training VFE of {where}")
-    check_finite(test_rec + test_kl, f"test VFE of {where}")
+    """Add one epoch's numbers; a VFE that is not finite instead marks the epoch the cell diverged in,
+    and the cell keeps the epochs it finished (a diverged run is a result of the protocol too)."""
+    if "diverged_epoch" in rec:
+        return
+    if not np.isfinite([train_vfe, test_rec + test_kl]).all():
+        rec["diverged_epoch"] = len(rec["test_vfe"]) + 1
+        return
     rec["train_vfe"].append(train_vfe)
     rec["test_recon"].append(test_rec)
     rec["test_kl"].append(test_kl)
@@ -256,11 +255,14 @@ def append_epoch(rec, train_vfe, test_rec, test_kl, seconds):
 
 
 def finish_record(rec, means):
+    if not rec["test_vfe"]:
+        raise FloatingPointError(f"h={rec['settings']['hidden']} l={rec['settings']['latent']} diverged in its "
+                                 "first epoch, so this cell is not stored")
     test = np.array(rec["test_vfe"])
     rec["best_epoch"] = int(test.argmin()) + 1
     rec["best_test_vfe"] = float(test.min())
     rec["final_test_vfe"] = float(test[-1])
-    rec["active_units"] = active_units(means)
+    rec["active_units"] = None if "diverged_epoch" in rec else active_units(means)  # no finite code left
     rec["wall_seconds"] = float(sum(rec["epoch_seconds"]))
     return rec
 
@@ -304,6 +306,8 @@ def train_cell(s, progress=True):
         model.eval()
         r, k, means = test_terms(model, test_x, noise(s["seed"], 0, s["latent"], device), s["recon"])
         append_epoch(rec, total / len(train_x), float(r), float(k), time.perf_counter() - t0)
+        if "diverged_epoch" in rec:
+            break
     return finish_record(rec, means), model
 
 
@@ -429,6 +433,8 @@ def train_group(cells, progress=True, checkpoint=None):
         seconds = (time.perf_counter() - t0) / C  # each cell's share of the group's time
         for c in range(C):
             append_epoch(records[c], float(totals[c]) / len(train_x), float(r[c]), float(k[c]), seconds)
+        if all("diverged_epoch" in rec for rec in records):
+            break
         if checkpoint is not None:
             atomic_save({"grid": grid.state_dict(), "opt": opt.state_dict(), "records": records,
                          "epoch": epoch}, checkpoint, torch.save)
@@ -537,7 +543,8 @@ Q6_WEIGHT_DECAY = 1.0
 SEED_CELLS = [(50, 10), (200, 10), (500, 10), (1024, 8)]
 # Q7's wide models, at the latent size Q4 found best, pass 60,000 x 784 values: two below
 # (P(3200, 10) = 25.6M is within a factor 2) and two above (P(4500, 10) = 47.7M, P(5000, 10) = 58.0M).
-# On a 2-core CPU each costs 1.5 to 2 minutes per million weights at 30 epochs (17 min to over 2 h).
+# On a 2-core CPU each costs 1.5 to 2 minutes per million weights at 30 epochs. h = 5000 diverges
+# (NaN) in its 21st epoch at this learning rate; it is stored with the 20 epochs it finished.
 Q7_LATENT = 10
 Q7_WIDE = [cell_settings(h, Q7_LATENT) for h in (2000, 3200, 4500, 5000)]
 
@@ -576,7 +583,10 @@ def summary_table(records):
                  final_test_vfe=round(r["final_test_vfe"], 3),
                  final_train_vfe=round(r["train_vfe"][-1], 3), active_units=r["active_units"],
                  wall_seconds=round(r["wall_seconds"], 1)) for r in records]
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if any("diverged_epoch" in r for r in records):  # only then, so other tables keep their columns
+        table["diverged_epoch"] = pd.array([r.get("diverged_epoch") for r in records], dtype="Int64")
+    return table
 
 
 def table_name(name, epochs=None):
@@ -638,8 +648,12 @@ def vfe_vs_params(table, title, ax=None):
     """Best test VFE against total trainable parameters, with the training-data line."""
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(8, 5))[1]
-    for l, rows in table.groupby("latent_dim"):
+    gone = table["diverged_epoch"].notna() if "diverged_epoch" in table else table.n_params < 0
+    for l, rows in table[~gone].groupby("latent_dim"):
         ax.plot(rows["n_params"], rows["best_test_vfe"], "o", label=f"latent l = {l}")
+    if gone.any():
+        ax.plot(table.n_params[gone], table.best_test_vfe[gone], "kx", ms=9,
+                label="diverged (best of the epochs before it)")
     ax.axvline(TRAIN_VALUES, color="k", ls="--", label=f"training data: 60,000 x 784 = {TRAIN_VALUES:,} values")
     ax.axvline(60_000, color="grey", ls=":", label="training data: 60,000 images")
     ax.set_xscale("log")
@@ -656,7 +670,8 @@ def learning_curves(records, title, ax=None):
     ax = ax or plt.subplots(figsize=(8, 5))[1]
     for r in records:
         s, epochs = r["settings"], range(1, len(r["test_vfe"]) + 1)
-        line, = ax.plot(epochs, r["test_vfe"], label=f"h={s['hidden']}, l={s['latent']}")
+        gone = f" (diverged in epoch {r['diverged_epoch']})" if "diverged_epoch" in r else ""
+        line, = ax.plot(epochs, r["test_vfe"], label=f"h={s['hidden']}, l={s['latent']}{gone}")
         ax.plot(epochs, r["train_vfe"], ls="--", color=line.get_color())
     ax.set_xlabel("epoch (passes over the training images)")
     ax.set_ylabel("VFE (nats per image); solid test, dashed training")

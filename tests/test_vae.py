@@ -163,12 +163,26 @@ def test_groups_keep_padding_waste_small_and_split_by_other_settings():
     assert sorted(map(len, v.groups(cells))) == [1, 1, 2, 3]  # at h=500, latent 300 pads too much
 
 
-def test_divergence_stops_the_cell_and_stores_nothing(tmp_path, monkeypatch):
+def test_divergence_in_the_first_epoch_stores_nothing(tmp_path, monkeypatch):
     real = v.vfe_terms
     monkeypatch.setattr(v, "vfe_terms", lambda *a: tuple(t * float("nan") for t in real(*a)))
     with pytest.raises(FloatingPointError, match="diverged"):
         v.run_cells([tiny()], tmp_path, progress=False)
     assert not v.cell_path(tiny(), tmp_path).exists()
+
+
+def test_a_cell_that_diverges_later_is_stored_with_the_epochs_it_finished(tmp_path, monkeypatch):
+    real, calls = v.test_terms, []
+
+    def nan_from_the_second_epoch(*a, **k):
+        calls.append(1)
+        r, kl, means = real(*a, **k)
+        return (r * float("nan") if len(calls) >= 2 else r), kl, means
+    monkeypatch.setattr(v, "test_terms", nan_from_the_second_epoch)
+    rec, = v.run_cells([tiny(epochs=3)], tmp_path, progress=False)
+    assert rec["diverged_epoch"] == 2 and len(rec["test_vfe"]) == 1 and rec["best_epoch"] == 1
+    assert rec["active_units"] is None and len(calls) == 2  # training stopped at the divergence
+    assert v.load_cell(v.cell_path(tiny(epochs=3), tmp_path), tiny(epochs=3)) == rec
 
 
 # --- experiments and the results cache --------------------------------------
@@ -261,6 +275,14 @@ def test_unknown_experiment_is_refused():
         v.experiment_cells("q9")
 
 
+@pytest.mark.parametrize("name", sorted(v.EXPERIMENTS))
+def test_committed_results_hold_every_cell_of_every_experiment(name):
+    """The notebook reads these; a changed setting or a lost file would retrain on the spot."""
+    records, missing = v.stored_records(name)
+    assert [f"h={s['hidden']} l={s['latent']}" for s in missing] == []
+    assert len(records) == len(v.experiment_cells(name))
+
+
 def test_unknown_setting_is_refused():
     with pytest.raises(ValueError, match="unknown settings"):
         v.cell_settings(5, 5, learning_rate=1)
@@ -331,3 +353,12 @@ def test_parameter_plot_marks_the_training_data_size():
     ax = v.vfe_vs_params(table, "test")
     assert v.TRAIN_VALUES in [line.get_xdata()[0] for line in ax.get_lines()]
     assert ax.get_xscale() == "log"
+
+
+def test_parameter_plot_draws_a_diverged_cell_apart_from_the_others():
+    import pandas as pd
+    table = pd.DataFrame(dict(n_params=[1e4, 1e8], best_test_vfe=[30.0, 20.0], latent_dim=[5, 5],
+                              diverged_epoch=[None, 21]))
+    lines = {line.get_label(): list(line.get_xdata()) for line in v.vfe_vs_params(table, "test").get_lines()}
+    assert lines["latent l = 5"] == [1e4]
+    assert [x for label, x in lines.items() if label.startswith("diverged")] == [[1e8]]
