@@ -1,6 +1,6 @@
 """Seconds per training epoch of a whole grid: the course notebook's way against the grid trainer.
 
-Run: .venv/bin/python benchmarks/grid_speed.py [--batches N] [--grids q4 q5] [--wide H ...] [--profile H ...]
+Run: .venv/bin/python benchmarks/grid_speed.py [--batches N] [--grids q4 q5] [--wide H ...] [--profile H ...] [--compile H ...]
 Both ways, and the machine's float32 matrix-multiply rate, are measured in this one process.
 A subset of N mini-batches is timed and scaled to the 600 of a full epoch.
 """
@@ -86,6 +86,28 @@ def profile_table(cells, batches, rows=12):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def step_seconds(cells, batches, compile=False):
+    """Seconds per epoch of a group's training steps, eager or under torch.compile (timed after
+    a 3-step warm-up, which holds the compilation)."""
+    train_x, _ = v.load_data()
+    grid, opt, _ = v.new_group(cells, torch.device("cpu"))
+    draw = v.grid_noise(cells, 1, torch.device("cpu"), max(grid.latents))
+
+    def step(x, eps):
+        logits, mean, log_var = grid(x, eps)
+        r, k = v.vfe_terms(logits, x, mean, log_var)
+        (r + k).sum().backward()
+    run = torch.compile(step) if compile else step
+    batches_of = v.epoch_order(0, 1, len(train_x)).split(100)
+    for i in range(3 + batches):
+        if i == 3:
+            t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        run(train_x[batches_of[i]], draw(100))
+        opt.step()
+    return (time.perf_counter() - t0) * BATCHES_PER_EPOCH / batches
+
+
 def study_limit(rate):
     """Hours the whole study (every distinct cell of every experiment) needs at `rate` FLOP/s."""
     import json
@@ -103,6 +125,8 @@ def main():
                         help="hidden sizes of Q7 wide cells (l=10) to time in float32 and bfloat16")
     parser.add_argument("--profile", type=int, nargs="*", default=[],
                         help="hidden sizes of Q4 groups to profile op by op (e.g. 5 500)")
+    parser.add_argument("--compile", type=int, nargs="*", default=[],
+                        help="hidden sizes of Q4 groups to time eager against torch.compile (e.g. 5 200)")
     args = parser.parse_args()
     grids = {"q4": v.grid(v.Q4_HIDDEN, v.Q4_LATENT), "q5": v.grid(v.Q5_HIDDEN, v.Q5_LATENT)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -140,6 +164,11 @@ def main():
         group = v.groups(v.grid([h], v.Q4_LATENT))[0]
         print(f"\nprofile of the Q4 group h={h}, l = {[s['latent'] for s in group]}, {args.batches} training steps:")
         print(profile_table(group, args.batches))
+    for h in args.compile:
+        group = v.groups(v.grid([h], v.Q4_LATENT))[0]
+        eager, compiled = step_seconds(group, args.batches), step_seconds(group, args.batches, compile=True)
+        print(f"\nQ4 group h={h}, l = {[s['latent'] for s in group]}: training steps {eager:.1f} s per epoch eager, "
+              f"{compiled:.1f} s under torch.compile ({eager / compiled:.2f}x, compilation not counted)")
     if args.wide:
         print(f"\nbfloat16 matrix-multiply rate: {matmul_rate(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")
     for h in args.wide:
