@@ -648,7 +648,7 @@ def vfe_vs_params(table, title, ax=None):
     """Best test VFE against total trainable parameters, with the training-data line."""
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(8, 5))[1]
-    gone = table["diverged_epoch"].notna() if "diverged_epoch" in table else table.n_params < 0
+    gone = table["diverged_epoch"].notna().to_numpy() if "diverged_epoch" in table else np.zeros(len(table), bool)
     for l, rows in table[~gone].groupby("latent_dim"):
         ax.plot(rows["n_params"], rows["best_test_vfe"], "o", label=f"latent l = {l}")
     if gone.any():

@@ -5,6 +5,7 @@ Both ways, and the machine's float32 matrix-multiply rate, are measured in this 
 A subset of N mini-batches is timed and scaled to the 600 of a full epoch.
 """
 import argparse
+import json
 import resource
 import sys
 import time
@@ -54,26 +55,38 @@ def course_way(cells, batches):
     return seconds * BATCHES_PER_EPOCH / batches
 
 
+def group_epoch(group, batches, compile=False):
+    """Seconds per epoch of one group under the grid trainer (optionally with its model under
+    torch.compile), timed after a warm-up that holds first-touch memory, kernels and compilation;
+    also the group's optimiser and weights per cell."""
+    train_x, _ = v.load_data()
+    grid, opt, sizes = v.new_group(group, torch.device("cpu"))
+    model = torch.compile(grid) if compile else grid
+    v.train_epoch(model, opt, train_x, group, epoch=0, batches=2)
+    t0 = time.perf_counter()
+    v.train_epoch(model, opt, train_x, group, epoch=1, batches=batches)
+    return (time.perf_counter() - t0) * BATCHES_PER_EPOCH / batches, opt, sizes
+
+
 def grid_way(cells, batches, breakdown=None):
     """The project's grid trainer over the same cells. With `breakdown` (a list), one row per
     group is appended: its weights, its seconds, and the seconds of Adam's steps alone."""
-    train_x, _ = v.load_data()
     seconds = 0.0
     for group in v.groups(cells):
-        grid, opt, sizes = v.new_group(group, torch.device("cpu"))
-        v.train_epoch(grid, opt, train_x, group, epoch=0, batches=2)  # first-touch memory and kernels are not timed
-        t0 = time.perf_counter()
-        v.train_epoch(grid, opt, train_x, group, epoch=1, batches=batches)
-        took = time.perf_counter() - t0
+        took, opt, sizes = group_epoch(group, batches)
         seconds += took
         if breakdown is not None:  # Adam reads and writes 4 numbers per weight: memory-bound, not in the FLOP count
             t0 = time.perf_counter()
             for _ in range(batches):
                 opt.step()
-            scale = BATCHES_PER_EPOCH / batches
             breakdown.append(dict(hidden=group[0]["hidden"], cells=len(group), weights=sum(sizes),
-                                  seconds=took * scale, adam=(time.perf_counter() - t0) * scale))
-    return seconds * BATCHES_PER_EPOCH / batches
+                                  seconds=took, adam=(time.perf_counter() - t0) * BATCHES_PER_EPOCH / batches))
+    return seconds
+
+
+def q4_group(h):
+    """The first training group of Q4's row at hidden size h."""
+    return v.groups(v.grid([h], v.Q4_LATENT))[0]
 
 
 def profile_table(cells, batches, rows=12):
@@ -86,31 +99,8 @@ def profile_table(cells, batches, rows=12):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def step_seconds(cells, batches, compile=False):
-    """Seconds per epoch of a group's training steps, eager or under torch.compile (timed after
-    a 3-step warm-up, which holds the compilation)."""
-    train_x, _ = v.load_data()
-    grid, opt, _ = v.new_group(cells, torch.device("cpu"))
-    draw = v.grid_noise(cells, 1, torch.device("cpu"), max(grid.latents))
-
-    def step(x, eps):
-        logits, mean, log_var = grid(x, eps)
-        r, k = v.vfe_terms(logits, x, mean, log_var)
-        (r + k).sum().backward()
-    run = torch.compile(step) if compile else step
-    batches_of = v.epoch_order(0, 1, len(train_x)).split(100)
-    for i in range(3 + batches):
-        if i == 3:
-            t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        run(train_x[batches_of[i]], draw(100))
-        opt.step()
-    return (time.perf_counter() - t0) * BATCHES_PER_EPOCH / batches
-
-
 def study_limit(rate):
     """Hours the whole study (every distinct cell of every experiment) needs at `rate` FLOP/s."""
-    import json
     cells = {json.dumps(s, sort_keys=True): s for name in v.EXPERIMENTS for s in v.experiment_cells(name)}
     flop = sum(6 * s["train_size"] * s["epochs"] * v.n_params_formula(s["hidden"], s["latent"])
                for s in cells.values())
@@ -161,14 +151,14 @@ def main():
             print(f"  {r['hidden']:4d}  {r['cells']:5d}  {r['weights']:10,d}  {r['seconds']:6.1f}  {mm:12.1f}"
                   f"  {r['adam']:11.1f}  {r['seconds'] - mm - r['adam']:5.1f}")
     for h in args.profile:
-        group = v.groups(v.grid([h], v.Q4_LATENT))[0]
+        group = q4_group(h)
         print(f"\nprofile of the Q4 group h={h}, l = {[s['latent'] for s in group]}, {args.batches} training steps:")
         print(profile_table(group, args.batches))
     for h in args.compile:
-        group = v.groups(v.grid([h], v.Q4_LATENT))[0]
-        eager, compiled = step_seconds(group, args.batches), step_seconds(group, args.batches, compile=True)
-        print(f"\nQ4 group h={h}, l = {[s['latent'] for s in group]}: training steps {eager:.1f} s per epoch eager, "
-              f"{compiled:.1f} s under torch.compile ({eager / compiled:.2f}x, compilation not counted)")
+        group = q4_group(h)
+        eager, compiled = group_epoch(group, args.batches)[0], group_epoch(group, args.batches, compile=True)[0]
+        print(f"\nQ4 group h={h}, l = {[s['latent'] for s in group]}: {eager:.1f} s per epoch eager, "
+              f"{compiled:.1f} s with its model under torch.compile ({eager / compiled:.2f}x, compilation not counted)")
     if args.wide:
         print(f"\nbfloat16 matrix-multiply rate: {matmul_rate(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")
     for h in args.wide:
