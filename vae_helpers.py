@@ -25,15 +25,22 @@ ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
 RESULTS_DIR = ROOT / "results"
 X_DIM = 28 * 28
-TRAIN_VALUES = 60_000 * X_DIM  # Q7's vertical line: 47,040,000 training values
+TRAIN_IMAGES = 60_000  # in Fashion-MNIST and MNIST alike
+TRAIN_VALUES = TRAIN_IMAGES * X_DIM  # Q7's vertical line: 47,040,000 training values
+TRAIN_EVAL_IMAGES = 10_000  # the training images whose VFE is measured like the test VFE
 
 # The course's protocol (COURSE.md): Adam 1e-3, mini-batch 100, 30 epochs, all images.
 PROTOCOL = dict(dataset="fashion-mnist", recon="mse", lr=1e-3, batch_size=100,
                 epochs=30, train_size=60_000, weight_decay=0.0, seed=0)
 # Settings added after the first results: left out of a cell's settings at their default,
 # so the records trained before them keep their names. bfloat16 runs the training step's
-# matrix products in bfloat16 (weights, Adam and the test VFE stay float32).
-OPTIONS = dict(precision="float32")
+# matrix products in bfloat16 (weights, Adam and the test VFE stay float32). eval_every: the
+# VFEs are measured after every k-th epoch and the last. hh_lr_scale multiplies the learning
+# rate of the two h x h weight matrices (Yang et al.'s width scaling for Adam is 500 / h).
+OPTIONS = dict(precision="float32", eval_every=1, hh_lr_scale=1.0)
+# A group's checkpoint is written after an epoch when this long has passed since the last one:
+# every epoch of a slow group, without writing hundreds of MB per second on a fast GPU.
+CHECKPOINT_SECONDS = 60
 
 
 class ResultsError(RuntimeError):
@@ -192,8 +199,13 @@ def keep_freed_memory(keep=True):
         libc.mallopt(-3, size), libc.mallopt(-1, size)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
-def versions():
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+def versions(device=None):
+    """What a record's numbers depend on besides its settings: library versions and the chip."""
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "adam": "torch.optim.Adam(fused=True)"}
+    if device is not None and torch.device(device).type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
 
 
 def cell_settings(hidden, latent, **overrides):
@@ -202,20 +214,36 @@ def cell_settings(hidden, latent, **overrides):
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(PROTOCOL) + sorted(OPTIONS)}")
     check_dims(hidden, latent)
-    s = dict(PROTOCOL, hidden=int(hidden), latent=int(latent), **overrides)
+    s = dict(PROTOCOL, **OPTIONS)
+    s.update(hidden=int(hidden), latent=int(latent), **overrides)
     dataset_class(s["dataset"])
     if s["recon"] not in ("mse", "bernoulli"):
         raise ValueError(f"unknown reconstruction {s['recon']!r}; choose 'mse' or 'bernoulli'")
-    if s.get("precision") not in (None, "float32", "bfloat16"):
+    if s["precision"] not in ("float32", "bfloat16"):
         raise ValueError(f"unknown precision {s['precision']!r}; choose 'float32' or 'bfloat16'")
+    for key in ("epochs", "batch_size", "train_size", "eval_every"):
+        s[key] = checked_number(key, s[key], int, low=1)
+    if s["train_size"] > TRAIN_IMAGES:
+        raise ValueError(f"train_size must be at most the {TRAIN_IMAGES:,} training images, got {s['train_size']:,}")
+    s["seed"] = checked_number("seed", s["seed"], int, low=0, high=2 ** 31 - 1)
+    s["lr"] = checked_number("lr", s["lr"], float, low=0, strict=True)
+    s["hh_lr_scale"] = checked_number("hh_lr_scale", s["hh_lr_scale"], float, low=0, strict=True)
+    s["weight_decay"] = checked_number("weight_decay", s["weight_decay"], float, low=0)
     for key, default in OPTIONS.items():
-        if s.get(key) == default:
+        if s[key] == default:
             del s[key]
-    for key in ("epochs", "batch_size", "train_size"):
-        if not isinstance(s[key], int) or s[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {s[key]!r}")
-    s["weight_decay"] = float(s["weight_decay"])
     return s
+
+
+def checked_number(name, value, kind, low, high=None, strict=False):
+    """`value` as a finite int or float, refused with its setting's name if it is not one."""
+    ok_types = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or not np.isfinite(value):
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if value < low or (strict and value == low) or (high is not None and value > high):
+        bound = f"above {low}" if strict else f"at least {low}" + (f" and at most {high}" if high else "")
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return kind(value)
 
 
 def autocast(s, device):
@@ -223,43 +251,83 @@ def autocast(s, device):
     return torch.autocast(device.type, torch.bfloat16, enabled=s.get("precision") == "bfloat16")
 
 
-def noise(seed, epoch, latent, device):
-    """Reparameterisation noise, seeded by (seed, epoch) alone so a resumed or grouped run agrees."""
+def noise(seed, epoch, latent, device, sizes=None):
+    """Reparameterisation noise, seeded by (seed, epoch) alone so a resumed or grouped run agrees:
+    a function of the rows wanted. Given the draws' sizes, a GPU gets the same numbers drawn at
+    once on the CPU and copied once, so that no step waits for a copy."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return lambda rows: torch.randn(rows, latent, generator=g).to(device)
+    if sizes is None or torch.device(device).type == "cpu":
+        return lambda rows: torch.randn(rows, latent, generator=g).to(device)
+    ahead = iter(torch.cat([torch.randn(n, latent, generator=g) for n in sizes]).to(device).split(list(sizes)))
+    return lambda rows: next(ahead)
 
 
-def epoch_order(seed, epoch, n):
-    """The data order of one epoch, a function of (seed, epoch) alone."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+def epoch_order(seed, epoch, n, device="cpu"):
+    """The data order of one epoch, a function of (seed, epoch) alone, copied to the device once."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
+
+
+def chunk_sizes(n, size):
+    return [min(size, n - i) for i in range(0, n, size)]
 
 
 def new_record(s, n_par, device):
-    return dict(settings=s, n_params=n_par, device=str(device), versions=versions(),
-                train_vfe=[], test_vfe=[], test_recon=[], test_kl=[], epoch_seconds=[])
+    """An empty record. train_vfe is measured after an epoch like test_vfe (eval mode, fixed noise,
+    the first TRAIN_EVAL_IMAGES training images); running_train_vfe is the mean of the epoch's
+    mini-batch VFEs, taken while the weights moved. max_log_var and max_grad_norm: each epoch's peaks."""
+    return dict(settings=s, n_params=n_par, device=str(device), versions=versions(device), eval_epochs=[],
+                test_vfe=[], test_recon=[], test_kl=[], train_vfe=[], running_train_vfe=[],
+                max_log_var=[], max_grad_norm=[], epoch_seconds=[])
 
 
-def append_epoch(rec, train_vfe, test_rec, test_kl, seconds):
-    """Add one epoch's numbers; a VFE that is not finite instead marks the epoch the cell diverged in,
-    and the cell keeps the epochs it finished (a diverged run is a result of the protocol too)."""
+def append_epoch(rec, running, seconds, peaks, measured=None):
+    """Add one epoch: its running training VFE, time and peaks (largest log-variance, gradient norm),
+    and after an evaluated epoch `measured` = (test recon, test KL, training VFE). A value that is not
+    finite instead marks the epoch the cell diverged in; the cell keeps the epochs it finished."""
     if "diverged_epoch" in rec:
         return
-    if not np.isfinite([train_vfe, test_rec + test_kl]).all():
-        rec["diverged_epoch"] = len(rec["test_vfe"]) + 1
+    epoch = len(rec["running_train_vfe"]) + 1
+    if not np.isfinite([running, *(measured or [])]).all():
+        rec["diverged_epoch"] = epoch
         return
-    rec["train_vfe"].append(train_vfe)
-    rec["test_recon"].append(test_rec)
-    rec["test_kl"].append(test_kl)
-    rec["test_vfe"].append(test_rec + test_kl)
+    rec["running_train_vfe"].append(running)
     rec["epoch_seconds"].append(seconds)
+    rec["max_log_var"].append(peaks[0])
+    rec["max_grad_norm"].append(peaks[1])
+    if measured is not None:
+        test_rec, test_kl, train_vfe = measured
+        rec["eval_epochs"].append(epoch)
+        rec["test_recon"].append(test_rec)
+        rec["test_kl"].append(test_kl)
+        rec["test_vfe"].append(test_rec + test_kl)
+        rec["train_vfe"].append(train_vfe)
+
+
+EVAL_CHUNK = 1000  # images per forward pass when measuring a VFE
+
+# What train_epoch checks at every step, in the order a step computes them.
+NONFINITE = ("exp(log-variance)", "reconstruction", "KL", "gradient")
+
+
+def note_divergence(rec, first_bad, peaks):
+    """Say in a diverged record what became non-finite first (at which step of its last epoch),
+    beside the peaks of the epoch before and of the steps of that epoch that were still finite."""
+    steps = [(step, i) for i, step in enumerate(first_bad) if step >= 0]
+    step, first = min(steps) if steps else (None, None)
+    rec["divergence"] = dict(
+        first_nonfinite=NONFINITE[first] if steps else "test or training VFE only", step=step,
+        all_nonfinite=[NONFINITE[i] for i, b in enumerate(first_bad) if b >= 0],
+        max_log_var_epoch_before=rec["max_log_var"][-1] if rec["max_log_var"] else None,
+        max_grad_norm_epoch_before=rec["max_grad_norm"][-1] if rec["max_grad_norm"] else None,
+        max_log_var_this_epoch=peaks[0], max_grad_norm_this_epoch=peaks[1])
 
 
 def finish_record(rec, means):
     if not rec["test_vfe"]:
-        raise FloatingPointError(f"h={rec['settings']['hidden']} l={rec['settings']['latent']} diverged in its "
-                                 "first epoch, so this cell is not stored")
+        raise FloatingPointError(f"h={rec['settings']['hidden']} l={rec['settings']['latent']} diverged before "
+                                 "its first evaluation, so this cell is not stored")
     test = np.array(rec["test_vfe"])
-    rec["best_epoch"] = int(test.argmin()) + 1
+    rec["best_epoch"] = rec["eval_epochs"][int(test.argmin())]
     rec["best_test_vfe"] = float(test.min())
     rec["final_test_vfe"] = float(test[-1])
     rec["active_units"] = None if "diverged_epoch" in rec else active_units(means)  # no finite code left
@@ -267,8 +335,13 @@ def finish_record(rec, means):
     return rec
 
 
+def evaluated(s, epoch):
+    """Whether the VFEs are measured after this epoch: every eval_every-th and the last."""
+    return epoch % s.get("eval_every", 1) == 0 or epoch == s["epochs"]
+
+
 @torch.no_grad()
-def test_terms(forward, test_x, draw, recon, chunk=1000):
+def test_terms(forward, test_x, draw, recon, chunk=EVAL_CHUNK):
     """Mean test reconstruction and KL per image, and the posterior means, under fixed noise."""
     recs, kls, means = 0.0, 0.0, []
     for x in test_x.split(chunk):
@@ -279,6 +352,15 @@ def test_terms(forward, test_x, draw, recon, chunk=1000):
     return recs / len(test_x), kls / len(test_x), torch.cat(means, -2)
 
 
+def adam(s, params, hh_weights):
+    """The cell's Adam; the h x h weight matrices' learning rate scaled by hh_lr_scale."""
+    hh = {id(p) for p in hh_weights}
+    scale = s.get("hh_lr_scale", 1.0)
+    groups_ = [{"params": [p for p in params if id(p) not in hh]},
+               {"params": list(hh_weights), "lr": s["lr"] * scale}] if scale != 1.0 else params
+    return torch.optim.Adam(groups_, lr=s["lr"], weight_decay=s["weight_decay"], fused=True)
+
+
 def train_cell(s, progress=True):
     """Reference trainer: one model, as the course trains it. Returns (record, model)."""
     device = pick_device()
@@ -286,26 +368,35 @@ def train_cell(s, progress=True):
     train_x = train_x[: s["train_size"]]
     torch.manual_seed(s["seed"])
     model = VAE(s["hidden"], s["latent"]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], fused=True)
+    opt = adam(s, list(model.parameters()), [model.encoder[2].weight, model.decoder[2].weight])
     rec = new_record(s, n_params(model), device)
     for epoch in tqdm(range(1, s["epochs"] + 1), desc=f"h={s['hidden']} l={s['latent']}",
                       disable=not progress, leave=False):
-        t0, total = time.perf_counter(), 0.0
-        draw = noise(s["seed"], epoch, s["latent"], device)
+        t0, total, peaks = time.perf_counter(), 0.0, torch.full((2,), -float("inf"), device=device)
+        batches = epoch_order(s["seed"], epoch, len(train_x), device).split(s["batch_size"])
+        draw = noise(s["seed"], epoch, s["latent"], device, [len(b) for b in batches])
         model.train()
-        for idx in epoch_order(s["seed"], epoch, len(train_x)).split(s["batch_size"]):
-            x = train_x[idx.to(device)]
+        for idx in batches:
+            x = train_x[idx]
             with autocast(s, device):
                 logits, mean, log_var = model(x, draw(len(x)))
             r, k = vfe_terms(logits.float(), x, mean.float(), log_var.float(), s["recon"])
             loss = (r + k).sum()  # the course sums the VFE over the mini-batch
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            grad = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+            peaks = torch.fmax(peaks, torch.stack([log_var.detach().float().max(), grad]))
             opt.step()
-            total += loss.item()
+            total += loss.detach()  # kept on the device: no wait for the GPU at every step
         model.eval()
-        r, k, means = test_terms(model, test_x, noise(s["seed"], 0, s["latent"], device), s["recon"])
-        append_epoch(rec, total / len(train_x), float(r), float(k), time.perf_counter() - t0)
+        measured = None
+        if evaluated(s, epoch):
+            fixed = lambda x: noise(s["seed"], 0, s["latent"], device, chunk_sizes(len(x), EVAL_CHUNK))
+            r, k, means = test_terms(model, test_x, fixed(test_x), s["recon"])
+            train_eval_x = train_x[:TRAIN_EVAL_IMAGES]
+            tr, tk, _ = test_terms(model, train_eval_x, fixed(train_eval_x), s["recon"])
+            measured = (float(r), float(k), float(tr + tk))
+        append_epoch(rec, float(total) / len(train_x), time.perf_counter() - t0, peaks.tolist(), measured)
         if "diverged_epoch" in rec:
             break
     return finish_record(rec, means), model
@@ -352,6 +443,15 @@ class GridVAE(nn.Module):
         d = act(torch.baddbmm(self.c2, d, self.d2))
         return torch.baddbmm(self.c3, d, self.d3), mean, log_var
 
+    def grad_norms(self):
+        """Each cell's gradient norm over all its weights, shape (cells,)."""
+        C, norm = len(self.latents), torch.linalg.vector_norm
+        sq = norm(self.w1.grad.view(-1, C, self.hidden), dim=(0, 2)) ** 2 + norm(self.b1.grad.view(C, -1), dim=1) ** 2
+        for name, p in self.named_parameters():
+            if name not in ("w1", "b1"):
+                sq = sq + norm(p.grad.flatten(1), dim=1) ** 2
+        return sq.sqrt()
+
     def cell(self, c):
         """Cell c as a stand-alone VAE with the current weights."""
         h, l = self.hidden, self.latents[c]
@@ -369,28 +469,38 @@ class GridVAE(nn.Module):
         return m
 
 
-def grid_noise(cells, epoch, device, L):
+def grid_noise(cells, epoch, device, L, sizes=None):
     """Each cell's own noise stream, zero-padded to L latent units and stacked."""
-    draws = [noise(s["seed"], epoch, s["latent"], device) for s in cells]
+    draws = [noise(s["seed"], epoch, s["latent"], device, sizes) for s in cells]
     return lambda rows: torch.stack([F.pad(d(rows), (0, L - s["latent"])) for d, s in zip(draws, cells)])
 
 
 def train_epoch(grid, opt, train_x, cells, epoch, batches=None):
-    """One pass over the training images (or its first `batches`); each cell's summed VFE."""
-    s0, L = cells[0], max(grid.latents)
-    draw = grid_noise(cells, epoch, train_x.device, L)
-    totals = torch.zeros(len(cells), device=train_x.device)
-    for idx in epoch_order(s0["seed"], epoch, len(train_x)).split(s0["batch_size"])[:batches]:
-        x = train_x[idx.to(train_x.device)]
-        with autocast(s0, train_x.device):
+    """One pass over the training images (or its first `batches`). Per cell: the summed VFE, the
+    peaks (largest log-variance, gradient norm) and the first step at which each of NONFINITE was
+    not finite (-1: never). All stay on the device until the epoch ends."""
+    s0, L, C, device = cells[0], max(grid.latents), len(cells), train_x.device
+    batches = epoch_order(s0["seed"], epoch, len(train_x), device).split(s0["batch_size"])[:batches]
+    draw = grid_noise(cells, epoch, device, L, [len(b) for b in batches])
+    totals = torch.zeros(C, device=device)
+    peaks = torch.full((C, 2), -float("inf"), device=device)
+    first_bad = torch.full((C, len(NONFINITE)), -1, dtype=torch.long, device=device)
+    for step, idx in enumerate(batches):
+        x = train_x[idx]
+        with autocast(s0, device):
             logits, mean, log_var = grid(x, draw(len(x)))
         r, k = vfe_terms(logits.float(), x, mean.float(), log_var.float(), s0["recon"])
         per_cell = (r + k).sum(-1)  # each cell's VFE summed over the mini-batch
         opt.zero_grad(set_to_none=True)
         per_cell.sum().backward()
+        with torch.no_grad():
+            max_lv, grad = log_var.float().amax((1, 2)), grid.grad_norms()
+            checks = torch.stack([max_lv.exp(), r.sum(-1), k.sum(-1), grad], 1)
+            first_bad = torch.where((first_bad < 0) & ~checks.isfinite(), step, first_bad)
+            peaks = torch.fmax(peaks, torch.stack([max_lv, grad], 1))  # fmax: a NaN step leaves the peak
         opt.step()
         totals += per_cell.detach()
-    return totals
+    return totals, peaks, first_bad
 
 
 def new_group(cells, device):
@@ -403,15 +513,15 @@ def new_group(cells, device):
         torch.manual_seed(s["seed"])  # the same initial weights as when trained alone
         models.append(VAE(s["hidden"], s["latent"]))
     grid = GridVAE(models).to(device)
-    opt = torch.optim.Adam(grid.parameters(), lr=cells[0]["lr"], weight_decay=cells[0]["weight_decay"], fused=True)
-    return grid, opt, [n_params(m) for m in models]
+    return grid, adam(cells[0], list(grid.parameters()), [grid.w2, grid.d2]), [n_params(m) for m in models]
 
 
 def train_group(cells, progress=True, checkpoint=None):
     """Train cells that differ only in latent size together; returns (records, models).
 
     Adam is elementwise, so one optimiser over the stacked weights is each cell's own Adam.
-    With `checkpoint` (a path) the state is saved after every epoch and resumed from it.
+    With `checkpoint` (a path) the state is saved after an epoch (see CHECKPOINT_SECONDS) and
+    resumed from it.
     """
     s0, device = cells[0], pick_device()
     train_x, test_x = (t.to(device) for t in load_data(s0["dataset"]))
@@ -423,23 +533,34 @@ def train_group(cells, progress=True, checkpoint=None):
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         grid.load_state_dict(state["grid"]), opt.load_state_dict(state["opt"])
         records, start = state["records"], state["epoch"] + 1
-    L, C, means = max(grid.latents), len(cells), None
+    L, C, means, saved = max(grid.latents), len(cells), None, time.monotonic()
+    fixed = lambda x: grid_noise(cells, 0, device, L, chunk_sizes(len(x), EVAL_CHUNK))
+    train_eval_x = train_x[:TRAIN_EVAL_IMAGES]
     name = f"h={s0['hidden']} l={','.join(str(s['latent']) for s in cells)}"
     for epoch in tqdm(range(start, s0["epochs"] + 1), desc=name, initial=start - 1,
                       total=s0["epochs"], disable=not progress, leave=False):
         t0 = time.perf_counter()
-        totals = train_epoch(grid, opt, train_x, cells, epoch)
-        r, k, means = test_terms(grid, test_x, grid_noise(cells, 0, device, L), s0["recon"])
+        totals, peaks, first_bad = train_epoch(grid, opt, train_x, cells, epoch)
+        measured = [None] * C
+        if evaluated(s0, epoch):
+            r, k, means = test_terms(grid, test_x, fixed(test_x), s0["recon"])
+            tr, tk, _ = test_terms(grid, train_eval_x, fixed(train_eval_x), s0["recon"])
+            measured = torch.stack([r, k, tr + tk], 1).tolist()
         seconds = (time.perf_counter() - t0) / C  # each cell's share of the group's time
+        totals, peaks, first_bad = totals.tolist(), peaks.tolist(), first_bad.tolist()
         for c in range(C):
-            append_epoch(records[c], float(totals[c]) / len(train_x), float(r[c]), float(k[c]), seconds)
+            was_going = "diverged_epoch" not in records[c]
+            append_epoch(records[c], totals[c] / len(train_x), seconds, peaks[c], measured[c])
+            if was_going and "diverged_epoch" in records[c]:
+                note_divergence(records[c], first_bad[c], peaks[c])
         if all("diverged_epoch" in rec for rec in records):
             break
-        if checkpoint is not None:
+        if checkpoint is not None and (time.monotonic() - saved >= CHECKPOINT_SECONDS or epoch == s0["epochs"]):
             atomic_save({"grid": grid.state_dict(), "opt": opt.state_dict(), "records": records,
                          "epoch": epoch}, checkpoint, torch.save)
+            saved = time.monotonic()
     if means is None:  # resumed after the last epoch's checkpoint
-        means = test_terms(grid, test_x, grid_noise(cells, 0, device, L), s0["recon"])[2]
+        means = test_terms(grid, test_x, fixed(test_x), s0["recon"])[2]
     for c, l in enumerate(grid.latents):
         finish_record(records[c], means[c, :, :l])
     return records, [grid.cell(c).cpu() for c in range(C)]
@@ -494,13 +615,29 @@ def weights_path(s, results_dir=RESULTS_DIR):
     return Path(results_dir) / "weights" / cell_path(s).with_suffix(".pt").name
 
 
+# The fields a stored record must have, with their types (checked when it is read).
+RECORD_FIELDS = dict(settings=dict, n_params=int, test_vfe=list, best_test_vfe=float, best_epoch=int,
+                     final_test_vfe=float, epoch_seconds=list, wall_seconds=float)
+
+
+def upgrade_record(rec):
+    """Records from before the end-of-epoch training VFE: their `train_vfe` was the running mean
+    of the mini-batch VFEs, and every epoch was evaluated. Renamed, so a name means one measure."""
+    if "eval_epochs" not in rec and "test_vfe" in rec:
+        rec["running_train_vfe"] = rec.pop("train_vfe", [])
+        rec["eval_epochs"] = list(range(1, len(rec["test_vfe"]) + 1))
+    return rec
+
+
 def load_cell(path, s):
     """A stored record, checked to be the cell asked for."""
     try:
-        rec = json.loads(Path(path).read_text())
+        rec = upgrade_record(json.loads(Path(path).read_text()))
         stored = rec["settings"]
-        rec["best_test_vfe"]
-    except (ValueError, KeyError, TypeError) as err:
+        for field, kind in RECORD_FIELDS.items():
+            if not isinstance(rec[field], kind) or isinstance(rec[field], bool):
+                raise TypeError(f"{field} is {type(rec[field]).__name__}, not {kind.__name__}")
+    except (ValueError, KeyError, TypeError, IsADirectoryError) as err:
         raise ResultsError(f"{path} is corrupt ({err!r}); it was left as it is. "
                            f"Delete it to retrain that cell.") from None
     if stored != s:
@@ -545,14 +682,28 @@ SEED_CELLS = [(50, 10), (200, 10), (500, 10), (1024, 8)]
 # (P(3200, 10) = 25.6M is within a factor 2) and two above (P(4500, 10) = 47.7M, P(5000, 10) = 58.0M).
 # On a 2-core CPU each costs 1.5 to 2 minutes per million weights at 30 epochs. h = 5000 diverges
 # (NaN) in its 21st epoch at this learning rate; it is stored with the 20 epochs it finished.
+# Seeds 1 and 2 ask whether that is the width or the seed, and h = 4750 (52.6M) whether a model
+# between 4500 and 5000 finishes. These three ran on a GPU (their records say which).
 Q7_LATENT = 10
-Q7_WIDE = [cell_settings(h, Q7_LATENT) for h in (2000, 3200, 4500, 5000)]
+Q7_WIDE = [cell_settings(h, Q7_LATENT) for h in (2000, 3200, 4500, 4750, 5000)] + \
+          [cell_settings(5000, Q7_LATENT, seed=seed) for seed in (1, 2)]
+# Q7 with the line moved down: the first N training images, so the line N x 784 falls where
+# models are cheap and over-fitting shows. P(h, 10) passes 784,000 at h = 343 and 7,840,000 at
+# h = 1,619; each size reaches 10 times past its line. {N: (epochs, eval_every, seeds)}.
+Q7_DATA_HIDDEN = [10, 50, 150, 300, 500, 1000, 2000, 4000, 6000]
+Q7_DATA = {1_000: (400, 10, (0, 1, 2)), 10_000: (100, 2, (0,))}
+# At 10,000 images h = 50 and 300 are left out: four models below the line are enough.
 
 EXPERIMENTS = {
     "q4": lambda: grid(Q4_HIDDEN, Q4_LATENT),
     "q5": lambda: grid(Q5_HIDDEN, Q5_LATENT),
     "q6": lambda: grid(Q4_HIDDEN, Q4_LATENT, weight_decay=Q6_WEIGHT_DECAY),
     "q7": lambda: grid(Q4_HIDDEN, Q4_LATENT) + Q7_WIDE,
+    "q7_data": lambda: [cell_settings(h, Q7_LATENT, train_size=n, epochs=e, eval_every=k, seed=seed)
+                        for n, (e, k, seeds) in Q7_DATA.items() for seed in seeds for h in Q7_DATA_HIDDEN
+                        if n == 1_000 or h not in (50, 300)],
+    # Is the wide models' deficit Adam's step size? Their h x h layers' rate scaled by 500 / h.
+    "q7_lr_scale": lambda: [cell_settings(h, Q7_LATENT, hh_lr_scale=500 / h) for h in (2000, 4500)],
     # Choosing Q6's weight decay on a small and a large Q4 cell.
     "q6_sweep": lambda: [cell_settings(h, 10, weight_decay=wd)
                          for h in (50, 500) for wd in (0.0, 0.01, 0.1, 1.0, 10.0)],
@@ -571,17 +722,27 @@ def experiment_cells(name):
     return EXPERIMENTS[name]()
 
 
+def end_of_epoch(rec, epoch):
+    """The end-of-epoch training VFE after `epoch` (-1: the last evaluated); NaN for older records."""
+    if not rec.get("train_vfe"):
+        return float("nan")
+    i = -1 if epoch == -1 else rec["eval_epochs"].index(epoch)
+    return round(rec["train_vfe"][i], 3)
+
+
 def summary_table(records):
     """One row per cell: the columns of results/<name>.csv."""
     import pandas as pd
     rows = [dict(hidden_dim=r["settings"]["hidden"], latent_dim=r["settings"]["latent"],
                  weight_decay=r["settings"]["weight_decay"], recon=r["settings"]["recon"],
-                 epochs=r["settings"]["epochs"],
+                 train_size=r["settings"]["train_size"], epochs=r["settings"]["epochs"],
+                 hh_lr_scale=round(r["settings"].get("hh_lr_scale", 1.0), 4),
                  seed=r["settings"]["seed"], precision=r["settings"].get("precision", OPTIONS["precision"]),
                  n_params=r["n_params"],
                  best_test_vfe=round(r["best_test_vfe"], 3), best_epoch=r["best_epoch"],
                  final_test_vfe=round(r["final_test_vfe"], 3),
-                 final_train_vfe=round(r["train_vfe"][-1], 3), active_units=r["active_units"],
+                 final_train_vfe=end_of_epoch(r, -1), best_epoch_train_vfe=end_of_epoch(r, r["best_epoch"]),
+                 final_running_train_vfe=round(r["running_train_vfe"][-1], 3), active_units=r["active_units"],
                  wall_seconds=round(r["wall_seconds"], 1)) for r in records]
     table = pd.DataFrame(rows)
     if any("diverged_epoch" in r for r in records):  # only then, so other tables keep their columns
@@ -594,13 +755,17 @@ def table_name(name, epochs=None):
     return name if epochs is None else f"{name}_e{epochs}"
 
 
-def run_experiment(name, results_dir=RESULTS_DIR, progress=True, epochs=None):
+def run_experiment(name, results_dir=RESULTS_DIR, progress=True, epochs=None, max_params=None, min_params=0):
     """Run or resume one question's grid, write results/<name>.csv, return (table, records).
-    With `epochs`, every cell trains that long instead, and the table is <name>_e<epochs>.csv."""
+    With `epochs`, every cell trains that long instead, and the table is <name>_e<epochs>.csv.
+    With `max_params` or `min_params`, only the cells of that size train (a laptop takes the
+    small ones, a GPU the large); the table holds every stored cell."""
     cells = experiment_cells(name)
     if epochs is not None:
         cells = [cell_settings(**dict(s, epochs=epochs)) for s in cells]
-    records = run_cells(cells, results_dir, progress)
+    fits = lambda s: min_params <= n_params_formula(s["hidden"], s["latent"]) <= (max_params or float("inf"))
+    run_cells([s for s in cells if fits(s)], results_dir, progress)
+    records = stored_and_missing(cells, results_dir)[0]
     table = summary_table(records)
     atomic_save(table, Path(results_dir) / f"{table_name(name, epochs)}.csv", lambda t, p: t.to_csv(p, index=False))
     return table, records
@@ -712,12 +877,15 @@ def main(argv=None):
                         help="results folder (default: results/; name a new one to re-run from scratch)")
     parser.add_argument("--epochs", type=int, help="train every cell this many epochs instead of the "
                         "experiment's own protocol; the table goes to results/<name>_e<N>.csv")
+    parser.add_argument("--max-params", type=int, help="train only the cells of at most this many parameters")
+    parser.add_argument("--min-params", type=int, default=0, help="train only the cells of at least this many")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     import pandas as pd
     pd.set_option("display.width", 200)
     for name in sorted(EXPERIMENTS) if args.experiment == "all" else [args.experiment]:
-        table, _ = run_experiment(name, args.results, not args.no_progress, args.epochs)
+        table, _ = run_experiment(name, args.results, not args.no_progress, args.epochs,
+                                  args.max_params, args.min_params)
         name = table_name(name, args.epochs)
         print(f"\n{name} ({len(table)} cells), written to {Path(args.results) / (name + '.csv')}")
         print(table.to_string(index=False))

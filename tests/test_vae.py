@@ -3,6 +3,7 @@ import json
 import math
 
 import matplotlib
+import pandas as pd
 import pytest
 import torch
 
@@ -116,7 +117,8 @@ def test_short_training_lowers_the_test_vfe():
 
 def test_record_holds_every_epoch_and_the_best_and_final_test_vfe():
     rec, _ = v.train_cell(tiny(epochs=3), progress=False)
-    assert len(rec["test_vfe"]) == len(rec["train_vfe"]) == len(rec["test_kl"]) == 3
+    assert len(rec["test_vfe"]) == len(rec["train_vfe"]) == len(rec["running_train_vfe"]) == 3
+    assert rec["eval_epochs"] == [1, 2, 3] and len(rec["max_log_var"]) == len(rec["max_grad_norm"]) == 3
     assert rec["best_test_vfe"] == min(rec["test_vfe"]) == rec["test_vfe"][rec["best_epoch"] - 1]
     assert rec["final_test_vfe"] == rec["test_vfe"][-1]
     assert rec["n_params"] == v.n_params_formula(5, 2) and 0 <= rec["active_units"] <= 2
@@ -138,7 +140,78 @@ def test_grid_training_matches_each_cell_trained_alone():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         assert rec["test_vfe"] == pytest.approx(alone_rec["test_vfe"], rel=1e-5)
         assert rec["train_vfe"] == pytest.approx(alone_rec["train_vfe"], rel=1e-5)
+        assert rec["running_train_vfe"] == pytest.approx(alone_rec["running_train_vfe"], rel=1e-5)
+        assert rec["max_grad_norm"] == pytest.approx(alone_rec["max_grad_norm"], rel=1e-4)
         assert rec["active_units"] == alone_rec["active_units"]
+
+
+def test_training_vfe_is_measured_like_the_test_vfe_on_the_first_training_images():
+    for size in (300, 12_000):  # all of a small training set; the first 10,000 of a large one
+        rec, model = v.train_cell(v.cell_settings(5, 2, epochs=1, train_size=size), progress=False)
+        first = v.load_data()[0][:min(size, v.TRAIN_EVAL_IMAGES)]
+        r, k, _ = v.test_terms(model.eval(), first, v.noise(0, 0, 2, torch.device("cpu")), "mse")
+        assert rec["train_vfe"] == [pytest.approx(float(r + k), rel=1e-6)]
+
+
+def test_running_training_vfe_sits_above_the_end_of_epoch_value_while_the_model_improves():
+    rec, _ = v.train_cell(v.cell_settings(50, 10, epochs=1, train_size=6000), progress=False)
+    assert rec["running_train_vfe"][0] > rec["train_vfe"][0] + 1
+
+
+def test_an_older_record_reads_its_training_vfe_as_the_running_mean(tmp_path):
+    rec, _ = v.train_cell(tiny(epochs=2), progress=False)
+    rec = v.finish_record(rec, torch.zeros(3, 2))
+    old = {k: x for k, x in rec.items() if k not in ("eval_epochs", "train_vfe", "running_train_vfe")}
+    old["train_vfe"] = rec["running_train_vfe"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = v.load_cell(path, tiny(epochs=2))
+    assert loaded["running_train_vfe"] == rec["running_train_vfe"] and "train_vfe" not in loaded
+    assert loaded["eval_epochs"] == [1, 2]
+    assert math.isnan(v.summary_table([loaded]).final_train_vfe[0])
+
+
+def test_eval_every_measures_every_kth_epoch_and_the_last():
+    rec, _ = v.train_cell(tiny(epochs=5, eval_every=2), progress=False)
+    assert rec["eval_epochs"] == [2, 4, 5] and len(rec["test_vfe"]) == len(rec["train_vfe"]) == 3
+    assert len(rec["running_train_vfe"]) == 5 and rec["best_epoch"] in rec["eval_epochs"]
+    records, _ = v.train_group([tiny(epochs=5, eval_every=2)], progress=False)
+    assert records[0]["eval_epochs"] == [2, 4, 5]
+    assert records[0]["test_vfe"] == pytest.approx(rec["test_vfe"], rel=1e-5)
+
+
+def test_new_options_at_their_defaults_are_left_out_so_older_records_keep_their_names():
+    assert v.cell_settings(5, 5, eval_every=1, hh_lr_scale=1.0) == v.cell_settings(5, 5)
+
+
+def test_hh_lr_scale_changes_the_rate_of_the_two_h_by_h_weight_matrices_only():
+    cells = [tiny(hidden=20, hh_lr_scale=1e-9)]
+    grid, opt, _ = v.new_group(cells, torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in grid.named_parameters()}
+    v.train_epoch(grid, opt, v.load_data()[0][:300], cells, epoch=1, batches=2)
+    moved = {name: (p - before[name]).abs().max().item() for name, p in grid.named_parameters()}
+    assert moved["w2"] < 1e-9 and moved["d2"] < 1e-9
+    assert min(x for name, x in moved.items() if name not in ("w2", "d2")) > 1e-4
+
+
+def test_width_scaled_grid_training_matches_the_cell_trained_alone():
+    s = tiny(hidden=20, latent=3, epochs=2, hh_lr_scale=0.25)
+    (rec,), (model,) = v.train_group([s], progress=False)
+    alone_rec, alone = v.train_cell(s, progress=False)
+    assert rec["test_vfe"] == pytest.approx(alone_rec["test_vfe"], rel=1e-5)
+    for a, b in zip(model.state_dict().values(), alone.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_whose_log_variance_overflows_is_caught_at_that_step():
+    cells = [tiny(latent=2), tiny(latent=3)]
+    grid, opt, _ = v.new_group(cells, torch.device("cpu"))
+    with torch.no_grad():
+        grid.bh[1, :, 3:] = 200.0  # cell 1's log-variance: exp(200) is not a float32
+    _, peaks, first_bad = v.train_epoch(grid, opt, v.load_data()[0][:300], cells, epoch=1, batches=1)
+    assert first_bad[0].tolist() == [-1, -1, -1, -1]
+    assert first_bad[1, v.NONFINITE.index("exp(log-variance)")] == 0
+    assert peaks[1, 0] > 150
 
 
 def test_padded_latent_units_stay_exactly_zero():
@@ -172,16 +245,22 @@ def test_divergence_in_the_first_epoch_stores_nothing(tmp_path, monkeypatch):
 
 
 def test_a_cell_that_diverges_later_is_stored_with_the_epochs_it_finished(tmp_path, monkeypatch):
-    real, calls = v.test_terms, []
+    real, epochs = v.train_epoch, []
 
-    def nan_from_the_second_epoch(*a, **k):
-        calls.append(1)
-        r, kl, means = real(*a, **k)
-        return (r * float("nan") if len(calls) >= 2 else r), kl, means
-    monkeypatch.setattr(v, "test_terms", nan_from_the_second_epoch)
+    def gradient_nan_in_epoch_two_step_three(grid, opt, train_x, cells, epoch, batches=None):
+        epochs.append(epoch)
+        totals, peaks, first_bad = real(grid, opt, train_x, cells, epoch, batches)
+        if epoch == 2:
+            first_bad[0, v.NONFINITE.index("gradient")] = 3
+            first_bad[0, v.NONFINITE.index("reconstruction")] = 4
+            totals = totals * float("nan")
+        return totals, peaks, first_bad
+    monkeypatch.setattr(v, "train_epoch", gradient_nan_in_epoch_two_step_three)
     rec, = v.run_cells([tiny(epochs=3)], tmp_path, progress=False)
     assert rec["diverged_epoch"] == 2 and len(rec["test_vfe"]) == 1 and rec["best_epoch"] == 1
-    assert rec["active_units"] is None and len(calls) == 2  # training stopped at the divergence
+    assert rec["active_units"] is None and epochs == [1, 2]  # training stopped at the divergence
+    assert rec["divergence"]["first_nonfinite"] == "gradient" and rec["divergence"]["step"] == 3
+    assert rec["divergence"]["max_grad_norm_epoch_before"] == rec["max_grad_norm"][0]
     assert v.load_cell(v.cell_path(tiny(epochs=3), tmp_path), tiny(epochs=3)) == rec
 
 
@@ -215,6 +294,7 @@ def test_an_interrupted_group_resumes_mid_training_from_its_checkpoint(tmp_path,
         real(rec, *a)
 
     monkeypatch.setattr(v, "append_epoch", stop_in_epoch_two)
+    monkeypatch.setattr(v, "CHECKPOINT_SECONDS", 0)
     checkpoint = tmp_path / "group.pt"
     with pytest.raises(KeyboardInterrupt):
         v.train_group(cells, progress=False, checkpoint=checkpoint)
@@ -224,6 +304,14 @@ def test_an_interrupted_group_resumes_mid_training_from_its_checkpoint(tmp_path,
     for a, b in zip(whole, resumed):
         assert a["test_vfe"] == pytest.approx(b["test_vfe"], rel=1e-6)
         assert a["train_vfe"] == pytest.approx(b["train_vfe"], rel=1e-6)
+        assert a["running_train_vfe"] == pytest.approx(b["running_train_vfe"], rel=1e-6)
+
+
+def test_a_checkpoint_is_written_at_most_once_a_minute_and_after_the_last_epoch(tmp_path, monkeypatch):
+    saves = []
+    monkeypatch.setattr(v, "atomic_save", lambda obj, path, save: saves.append(obj["epoch"]))
+    v.train_group([tiny(epochs=3)], progress=False, checkpoint=tmp_path / "group.pt")
+    assert saves == [3]
 
 
 def test_a_cell_with_other_settings_is_trained_not_reused(tmp_path):
@@ -283,6 +371,33 @@ def test_committed_results_hold_every_cell_of_every_experiment(name):
     assert len(records) == len(v.experiment_cells(name))
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("train_size", 100_000), ("train_size", 0), ("lr", 0), ("lr", "x"), ("lr", float("nan")),
+    ("seed", "0"), ("seed", 1.5), ("seed", 2 ** 62), ("seed", -1), ("epochs", True), ("precision", None),
+    ("weight_decay", "x"), ("weight_decay", -1.0), ("eval_every", 0), ("eval_every", 2.5),
+    ("hh_lr_scale", 0), ("hh_lr_scale", -0.5), ("hh_lr_scale", "x")])
+def test_a_bad_setting_is_refused_with_its_name(setting, value):
+    with pytest.raises(ValueError, match=setting if setting != "precision" else "precision"):
+        v.cell_settings(5, 5, **{setting: value})
+
+
+def test_a_bad_setting_trains_and_stores_nothing(tmp_path, capsys):
+    with pytest.raises(ValueError, match="train_size"):
+        v.run_cells([v.cell_settings(5, 5, train_size=60_001)], tmp_path, progress=False)
+    assert not (tmp_path / "cells").exists()
+
+
+def test_q7_data_puts_three_models_each_side_of_every_line_and_reaches_ten_times_past_it():
+    cells = v.experiment_cells("q7_data")
+    for n in v.Q7_DATA:
+        line = n * v.X_DIM
+        sizes = sorted({v.n_params_formula(s["hidden"], s["latent"]) for s in cells if s["train_size"] == n})
+        assert sum(p < line for p in sizes) >= 3 and sum(p > line for p in sizes) >= 3
+        assert max(sizes) >= 10 * line
+    smallest = min(v.Q7_DATA)
+    assert {s["seed"] for s in cells if s["train_size"] == smallest} == {0, 1, 2}
+
+
 def test_unknown_setting_is_refused():
     with pytest.raises(ValueError, match="unknown settings"):
         v.cell_settings(5, 5, learning_rate=1)
@@ -323,7 +438,7 @@ def test_command_line_epochs_override_trains_that_long_into_its_own_table(tmp_pa
     monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2)])
     v.main(["q4", "--results", str(tmp_path), "--no-progress", "--epochs", "2"])
     assert not (tmp_path / "q4.csv").exists()
-    assert (tmp_path / "q4_e2.csv").read_text().splitlines()[1].split(",")[4] == "2"  # the epochs column
+    assert list(pd.read_csv(tmp_path / "q4_e2.csv")["epochs"]) == [2]
 
 
 def test_command_line_refuses_an_unknown_experiment(capsys):
@@ -362,3 +477,13 @@ def test_parameter_plot_draws_a_diverged_cell_apart_from_the_others():
     lines = {line.get_label(): list(line.get_xdata()) for line in v.vfe_vs_params(table, "test").get_lines()}
     assert lines["latent l = 5"] == [1e4]
     assert [x for label, x in lines.items() if label.startswith("diverged")] == [[1e8]]
+
+
+def test_command_line_size_limits_train_only_the_cells_of_that_size(tmp_path, monkeypatch):
+    small, large = tiny(hidden=5), tiny(hidden=30)
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [small, large])
+    v.main(["q4", "--results", str(tmp_path), "--no-progress", "--max-params", str(v.n_params_formula(5, 2))])
+    assert v.cell_path(small, tmp_path).exists() and not v.cell_path(large, tmp_path).exists()
+    assert list(pd.read_csv(tmp_path / "q4.csv")["hidden_dim"]) == [5]
+    v.main(["q4", "--results", str(tmp_path), "--no-progress", "--min-params", str(v.n_params_formula(30, 2))])
+    assert list(pd.read_csv(tmp_path / "q4.csv")["hidden_dim"]) == [5, 30]
