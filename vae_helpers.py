@@ -527,7 +527,7 @@ def train_group(cells, progress=True, checkpoint=None):
     train_x, test_x = (t.to(device) for t in load_data(s0["dataset"]))
     train_x = train_x[: s0["train_size"]]
     grid, opt, sizes = new_group(cells, device)
-    records = [new_record(s, n, device) for s, n in zip(cells, sizes)]
+    records = [dict(new_record(s, n, device), group=[c["latent"] for c in cells]) for s, n in zip(cells, sizes)]
     start = 1
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -817,8 +817,14 @@ def vfe_vs_params(table, title, ax=None):
     for l, rows in table[~gone].groupby("latent_dim"):
         ax.plot(rows["n_params"], rows["best_test_vfe"], "o", label=f"latent l = {l}")
     if gone.any():
-        ax.plot(table.n_params[gone], table.best_test_vfe[gone], "kx", ms=9,
+        ax.plot(table.n_params[gone], table.best_test_vfe[gone], "kx", ms=9, zorder=3,
                 label="diverged (best of the epochs before it)")
+    wide = table[table.hidden_dim > 500].sort_values("best_test_vfe") if "hidden_dim" in table else table[:0]
+    for i, (_, r) in enumerate(wide.iterrows()):  # the wide models, named; the crosses' labels fanned out
+        out = gone[table.index.get_loc(r.name)]
+        ax.annotate(f"h={r.hidden_dim}" + (f", seed {r.seed}" if r.seed else ""), (r.n_params, r.best_test_vfe),
+                    textcoords="offset points", xytext=(10, 12 * i - 40) if out else (-6, 6), fontsize=7,
+                    ha="left" if out else "right", arrowprops=dict(arrowstyle="-", lw=0.5) if out else None)
     ax.axvline(TRAIN_VALUES, color="k", ls="--", label=f"training data: 60,000 x 784 = {TRAIN_VALUES:,} values")
     ax.axvline(60_000, color="grey", ls=":", label="training data: 60,000 images")
     ax.set_xscale("log")
@@ -829,17 +835,63 @@ def vfe_vs_params(table, title, ax=None):
     return ax
 
 
+def by_size(table, running=False):
+    """Per training-set size and hidden size: the mean and seed-to-seed sd of each VFE column.
+    With `running`, older records' running mean stands in for the end-of-epoch training VFE."""
+    table = table.assign(running=running)
+    if running:
+        table["final_train_vfe"] = table.final_running_train_vfe
+    cols = ["best_test_vfe", "final_test_vfe", "final_train_vfe", "best_epoch_train_vfe", "best_epoch", "running"]
+    g = table.groupby(["train_size", "hidden_dim", "n_params"])[cols]
+    out = g.mean().join(g.std().add_suffix("_sd").fillna(0.0)).join(g.size().rename("seeds")).reset_index()
+    out["of_line"] = out.n_params / (out.train_size * X_DIM)
+    out["gap"] = out.final_test_vfe - out.final_train_vfe  # both measured after the last epoch, alike
+    return out
+
+
+def capacity_curves(summary, axes):
+    """Left: best and final test VFE and the end-of-epoch training VFE against parameters, one colour
+    per training-set size, its line N x 784 in that colour. Right: the final test-minus-training gap
+    against parameters over the line."""
+    import matplotlib.pyplot as plt
+    left, right = axes
+    for (n, rows), colour in zip(summary.groupby("train_size"), plt.cm.tab10.colors):
+        kw, running = dict(color=colour, capsize=3), bool(rows.running.all())
+        train = ("x:", "final training (running mean)") if running else ("^:", "final training")
+        for col, style, what in [("best_test_vfe", "o-", "best test"), ("final_test_vfe", "s--", "final test"),
+                                 ("final_train_vfe", *train)]:
+            left.errorbar(rows.n_params, rows[col], rows[col + "_sd"], fmt=style, label=f"N = {n:,}: {what}", **kw)
+        left.axvline(n * X_DIM, color=colour, lw=1, alpha=0.6)
+        seeds = int(rows.seeds.max())
+        right.errorbar(rows.of_line, rows.gap, np.hypot(rows.final_test_vfe_sd, rows.final_train_vfe_sd),
+                       fmt="x--" if running else "o-", label=f"N = {n:,} ({seeds} seed{'s' * (seeds > 1)})"
+                       + (", against the running mean" if running else ""), **kw)
+    right.axvline(1, color="k", ls="--", lw=1, label="the line: parameters = N x 784")
+    left.set(xscale="log", xlabel="total trainable parameters (count, log scale)", ylabel="VFE (nats per image)",
+             title="Q7: VFE against model size for N training images\n(vertical line: N x 784 in the curve's colour)")
+    right.set(xscale="log", xlabel="parameters / (N x 784) (ratio, log scale)",
+              ylabel="final test minus training VFE (nats per image)",
+              title="Generalisation gap after the last epoch\n(test minus end-of-epoch training VFE, unless marked)")
+    left.legend(fontsize=7, ncol=2)
+    right.legend(fontsize=8)
+    return axes
+
+
 def learning_curves(records, title, ax=None):
     """Test (solid) and training (dashed) VFE per epoch for each record."""
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(8, 5))[1]
     for r in records:
-        s, epochs = r["settings"], range(1, len(r["test_vfe"]) + 1)
-        gone = f" (diverged in epoch {r['diverged_epoch']})" if "diverged_epoch" in r else ""
-        line, = ax.plot(epochs, r["test_vfe"], label=f"h={s['hidden']}, l={s['latent']}{gone}")
-        ax.plot(epochs, r["train_vfe"], ls="--", color=line.get_color())
+        s = r["settings"]
+        gone = f", diverged in epoch {r['diverged_epoch']}" if "diverged_epoch" in r else ""
+        seed = f", seed {s['seed']}" if s["seed"] else ""
+        line, = ax.plot(r["eval_epochs"], r["test_vfe"], label=f"h={s['hidden']}{seed}{gone}")
+        if r.get("train_vfe"):  # measured like the test VFE
+            ax.plot(r["eval_epochs"], r["train_vfe"], ls="--", color=line.get_color())
+        else:  # older records: the running mean of the epoch's mini-batch VFEs
+            ax.plot(range(1, len(r["running_train_vfe"]) + 1), r["running_train_vfe"], ls=":", color=line.get_color())
     ax.set_xlabel("epoch (passes over the training images)")
-    ax.set_ylabel("VFE (nats per image); solid test, dashed training")
+    ax.set_ylabel("VFE (nats per image)\nsolid test; dashed training; dotted training, running mean")
     ax.set_title(title)
     ax.legend(fontsize=8)
     return ax

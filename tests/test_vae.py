@@ -487,3 +487,28 @@ def test_command_line_size_limits_train_only_the_cells_of_that_size(tmp_path, mo
     assert list(pd.read_csv(tmp_path / "q4.csv")["hidden_dim"]) == [5]
     v.main(["q4", "--results", str(tmp_path), "--no-progress", "--min-params", str(v.n_params_formula(30, 2))])
     assert list(pd.read_csv(tmp_path / "q4.csv")["hidden_dim"]) == [5, 30]
+
+
+def test_by_size_averages_seeds_and_measures_the_gap_between_like_measures():
+    table = pd.DataFrame(dict(train_size=1000, hidden_dim=[5, 5, 9], n_params=[10, 10, 20], seed=[0, 1, 0],
+                              best_test_vfe=[30.0, 32.0, 28.0], final_test_vfe=[31.0, 33.0, 29.0],
+                              final_train_vfe=[25.0, 27.0, 20.0], best_epoch_train_vfe=[26.0, 28.0, 21.0],
+                              final_running_train_vfe=[99.0, 99.0, 99.0], best_epoch=[3, 5, 2]))
+    s = v.by_size(table)
+    assert list(s.seeds) == [2, 1] and list(s.best_test_vfe) == [31.0, 28.0]
+    assert s.best_test_vfe_sd[0] == pytest.approx(2 ** 0.5) and list(s.gap) == [6.0, 9.0]
+    assert v.by_size(table, running=True).final_train_vfe[0] == 99.0
+
+
+def test_capacity_curves_draw_each_sizes_line_at_its_own_training_values():
+    import matplotlib.pyplot as plt
+    table = pd.DataFrame(dict(train_size=[1000, 1000, 10_000, 10_000], hidden_dim=[5, 9, 5, 9],
+                              n_params=[10, 20, 10, 20], seed=0, best_test_vfe=[30.0, 28.0, 29.0, 27.0],
+                              final_test_vfe=31.0, final_train_vfe=25.0, best_epoch_train_vfe=26.0,
+                              final_running_train_vfe=99.0, best_epoch=3))
+    _, axes = plt.subplots(1, 2)
+    v.capacity_curves(v.by_size(table), axes)
+    lines = sorted(l.get_xdata()[0] for l in axes[0].lines if len(set(l.get_xdata())) == 1)
+    assert lines == [1000 * 784, 10_000 * 784]
+    assert axes[0].get_xscale() == axes[1].get_xscale() == "log" and axes[1].get_ylabel()
+    plt.close("all")
