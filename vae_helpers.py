@@ -12,6 +12,8 @@ import platform
 import shutil
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,7 +42,7 @@ PROTOCOL = dict(dataset="fashion-mnist", recon="mse", lr=1e-3, batch_size=100,
 OPTIONS = dict(precision="float32", eval_every=1, hh_lr_scale=1.0)
 # A group's checkpoint is written after an epoch when this long has passed since the last one:
 # every epoch of a slow group, without writing hundreds of MB per second on a fast GPU.
-CHECKPOINT_SECONDS = 60
+CHECKPOINT_SECONDS = float(os.environ.get("VAE_CHECKPOINT_SECONDS", 60))
 
 
 class ResultsError(RuntimeError):
@@ -526,13 +528,7 @@ def train_group(cells, progress=True, checkpoint=None):
     s0, device = cells[0], pick_device()
     train_x, test_x = (t.to(device) for t in load_data(s0["dataset"]))
     train_x = train_x[: s0["train_size"]]
-    grid, opt, sizes = new_group(cells, device)
-    records = [dict(new_record(s, n, device), group=[c["latent"] for c in cells]) for s, n in zip(cells, sizes)]
-    start = 1
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        grid.load_state_dict(state["grid"]), opt.load_state_dict(state["opt"])
-        records, start = state["records"], state["epoch"] + 1
+    grid, opt, records, start = resumed_group(cells, device, checkpoint)
     L, C, means, saved = max(grid.latents), len(cells), None, time.monotonic()
     fixed = lambda x: grid_noise(cells, 0, device, L, chunk_sizes(len(x), EVAL_CHUNK))
     train_eval_x = train_x[:TRAIN_EVAL_IMAGES]
@@ -558,12 +554,41 @@ def train_group(cells, progress=True, checkpoint=None):
         if checkpoint is not None and (time.monotonic() - saved >= CHECKPOINT_SECONDS or epoch == s0["epochs"]):
             atomic_save({"grid": grid.state_dict(), "opt": opt.state_dict(), "records": records,
                          "epoch": epoch}, checkpoint, torch.save)
+            atomic_save({"cells": cells}, Path(checkpoint).with_suffix(".json"), write_json)  # who can resume it
             saved = time.monotonic()
     if means is None:  # resumed after the last epoch's checkpoint
         means = test_terms(grid, test_x, fixed(test_x), s0["recon"])[2]
+    finished = []
     for c, l in enumerate(grid.latents):
-        finish_record(records[c], means[c, :, :l])
-    return records, [grid.cell(c).cpu() for c in range(C)]
+        try:
+            finished.append(finish_record(records[c], means[c, :, :l]))
+        except FloatingPointError as err:  # the group's other cells are still good
+            warnings.warn(str(err))
+            finished.append(None)
+    return finished, [grid.cell(c).cpu() for c in range(C)]
+
+
+def resumed_group(cells, device, checkpoint=None):
+    """(model, Adam, records, first epoch) of a group: fresh, or resumed from its checkpoint. A
+    checkpoint that cannot be read or is another group's is set aside (renamed) with a warning."""
+    grid, opt, sizes = new_group(cells, device)
+    records = [dict(new_record(s, n, device), group=[c["latent"] for c in cells]) for s, n in zip(cells, sizes)]
+    if checkpoint is None or not Path(checkpoint).exists():
+        return grid, opt, records, 1
+    try:
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if [r["settings"] for r in state["records"]] != cells:
+            raise ValueError("it holds another group's cells")
+        grid.load_state_dict(state["grid"]), opt.load_state_dict(state["opt"])
+        print(f"resuming {checkpoint.name} after epoch {state['epoch']}", file=sys.stderr)
+        return grid, opt, state["records"], state["epoch"] + 1
+    except Exception as err:  # torch raises many kinds for a damaged file
+        aside = Path(checkpoint).with_name(f"{Path(checkpoint).name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(checkpoint, aside)
+        warnings.warn(f"checkpoint {checkpoint} could not be used ({err!r:.200}); it was set aside as "
+                      f"{aside.name} and the group trains from its first epoch")
+        grid, opt, _ = new_group(cells, device)
+        return grid, opt, records, 1
 
 
 def groups(cells, max_params=40_000_000, max_waste=0.1, free_padding=4_000_000):
@@ -594,13 +619,69 @@ def groups(cells, max_params=40_000_000, max_waste=0.1, free_padding=4_000_000):
 # Experiments
 # ---------------------------------------------------------------------------
 
+HOST = platform.node()
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+WAIT_SECONDS = 5  # how often a worker looks again for groups that others are training
+
+
 def atomic_save(obj, path, save):
-    """Write to a temporary file, then rename: a crash never leaves half a file."""
+    """Write to a temporary file of this process's own, then rename: a crash never leaves half a
+    file, and two writers of one path never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}~{HOST}~{os.getpid()}~{os.urandom(4).hex()}.tmp")
+    try:
+        save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(obj, path):
+    Path(path).write_text(json.dumps(obj, indent=1))
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_leftovers(results_dir, max_age=86_400):
+    """Delete the temporary files of writers that died: this machine's dead processes', any older
+    than a day (another machine's), and those of the fixed-name writer before them."""
+    for tmp in Path(results_dir).glob("**/*.tmp"):
+        parts = tmp.name[:-len(".tmp")].split("~")
+        mine = len(parts) == 4 and parts[1] == HOST
+        try:
+            dead = (mine and not alive(int(parts[2]))) or len(parts) != 4 or \
+                time.time() - tmp.stat().st_mtime > max_age
+        except (ValueError, FileNotFoundError):
+            continue
+        if dead:
+            tmp.unlink(missing_ok=True)
+
+
+def writable_results(results_dir):
+    """The results folder, made and checked to take files before any training starts."""
+    if not str(results_dir).strip():
+        raise ValueError("the results folder is named by an empty string; name a folder (default: results/)")
+    path = Path(results_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"the results folder {path} is a file, not a folder; name a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe~{HOST}~{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write to the results folder {path} ({err.strerror}); "
+                              "name one you can write to with --results") from None
+    return path
 
 
 def cell_path(s, results_dir=RESULTS_DIR):
@@ -613,6 +694,11 @@ def cell_path(s, results_dir=RESULTS_DIR):
 
 def weights_path(s, results_dir=RESULTS_DIR):
     return Path(results_dir) / "weights" / cell_path(s).with_suffix(".pt").name
+
+
+def checkpoint_path(group, results_dir=RESULTS_DIR):
+    key = hashlib.sha1(json.dumps(group, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(results_dir) / "checkpoints" / f"{key}.pt"
 
 
 # The fields a stored record must have, with their types (checked when it is read).
@@ -652,20 +738,144 @@ def stored_and_missing(cells, results_dir=RESULTS_DIR):
     return [load_cell(cell_path(s, results_dir), s) for s in have], [s for s in cells if s not in have]
 
 
-def run_cells(cells, results_dir=RESULTS_DIR, progress=True):
-    """Records for every cell: stored ones reused, the rest trained in groups and stored at once."""
-    results_dir = Path(results_dir)
-    _, todo = stored_and_missing(cells, results_dir)
-    todo = [s for i, s in enumerate(todo) if s not in todo[:i]]  # a cell asked for twice trains once
-    for group in tqdm(groups(todo), desc="groups", disable=not progress or not todo):
-        key = hashlib.sha1(json.dumps(group, sort_keys=True).encode()).hexdigest()[:16]
-        checkpoint = results_dir / "checkpoints" / f"{key}.pt"
+@contextmanager
+def group_lock(checkpoint):
+    """An exclusive lock on a group (flock on <checkpoint>.lock), or None if another process holds
+    it. The kernel drops the lock of a process that dies, so its successor can take the group."""
+    import fcntl
+    path = Path(checkpoint).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def planned_groups(pending, results_dir):
+    """The groups to train for the pending cells: first each checkpointed group that still lacks a
+    cell (resumed as it was), then new groups of the rest. A checkpoint that no pending cell needs
+    is removed when its group is not being trained."""
+    plans, covered = [], []
+    for side in sorted((Path(results_dir) / "checkpoints").glob("*.json")):
+        try:
+            group = json.loads(side.read_text())["cells"]
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+        still = [s for s in group if s in pending and s not in covered]
+        if still:
+            plans.append(group)
+            covered += still
+        elif not any(s in pending for s in group):
+            with group_lock(side.with_suffix(".pt")) as lock:
+                if lock is not None and all(cell_path(s, results_dir).exists() for s in group):
+                    side.with_suffix(".pt").unlink(missing_ok=True)
+                    side.unlink(missing_ok=True)
+    return plans + groups([s for s in pending if s not in covered])
+
+
+def store_group(group, results_dir, progress):
+    """Train one group (resuming its checkpoint) and store the cells it still lacks; returns the
+    cells that diverged before their first evaluation (not stored)."""
+    checkpoint = checkpoint_path(group, results_dir)
+    todo = [s for s in group if not cell_path(s, results_dir).exists()]
+    if todo:
         records, models = train_group(group, progress, checkpoint)
         for s, rec, model in zip(group, records, models):
-            atomic_save(model.state_dict(), weights_path(s, results_dir), torch.save)
-            atomic_save(rec, cell_path(s, results_dir), lambda r, p: Path(p).write_text(json.dumps(r, indent=1)))
-        checkpoint.unlink(missing_ok=True)
+            if s in todo and rec is not None:
+                atomic_save(model.state_dict(), weights_path(s, results_dir), torch.save)
+                atomic_save(rec, cell_path(s, results_dir), write_json)
+    checkpoint.unlink(missing_ok=True)
+    checkpoint.with_suffix(".json").unlink(missing_ok=True)
+    return [s for s in todo if not cell_path(s, results_dir).exists()]
+
+
+def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
+    """Records for every cell: stored ones reused, the rest trained in groups and stored at once.
+    Safe with other processes on the same folder: each group is trained by the one that locks it.
+    With `jobs` > 1, that many single-threaded worker processes share the groups."""
+    results_dir = writable_results(results_dir)
+    remove_leftovers(results_dir)
+    _, pending = stored_and_missing(cells, results_dir)
+    pending = [s for i, s in enumerate(pending) if s not in pending[:i]]  # a cell asked for twice trains once
+    jobs = min(jobs, len(planned_groups(pending, results_dir))) if pending else 1
+    if jobs > 1:  # more workers than groups would idle, and take threads from the others
+        run_workers(cells, results_dir, jobs, progress)
+    failed = []
+    while pending:
+        busy = False
+        for group in tqdm(planned_groups(pending, results_dir), desc="groups", disable=not progress):
+            with group_lock(checkpoint_path(group, results_dir)) as lock:
+                if lock is None:
+                    busy = True  # another process is training it
+                    continue
+                failed += store_group(group, results_dir, progress)
+        pending = [s for s in pending if not cell_path(s, results_dir).exists() and s not in failed]
+        if pending and busy:
+            time.sleep(WAIT_SECONDS)
+    if failed:
+        names = ", ".join(f"h={s['hidden']} l={s['latent']} seed {s['seed']}" for s in failed)
+        raise FloatingPointError(f"{names} diverged before the first evaluation and was not stored; "
+                                 "the other cells of its group were")
     return [load_cell(cell_path(s, results_dir), s) for s in cells]
+
+
+def worker(cells, results_dir, threads):
+    """One of run_cells' worker processes: single-threaded, claiming groups through their locks."""
+    torch.set_num_threads(threads)
+    run_cells(cells, results_dir, progress=False)
+
+
+def run_workers(cells, results_dir, jobs, progress):
+    """Train the missing cells in `jobs` processes, the machine's cores shared among them."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(cells, str(results_dir), max(1, CORES // jobs)))
+             for _ in range(jobs)]
+    for p in procs:
+        p.start()
+    unique = {cell_path(s, results_dir) for s in cells}
+    with tqdm(total=len(unique), desc=f"cells stored ({jobs} workers)", disable=not progress) as bar:
+        while any(p.is_alive() for p in procs):
+            bar.update(sum(p.exists() for p in unique) - bar.n)
+            time.sleep(1)
+        bar.update(sum(p.exists() for p in unique) - bar.n)
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {jobs} workers failed (exit codes {bad}); their errors are above")
+
+
+class GroupJob:
+    """A Slurm job of submit_slurm: train and store one group. On preemption or time-out submitit
+    calls `checkpoint`, requeues the same call, and it resumes from the group's last checkpoint."""
+
+    def __call__(self, group, results_dir):
+        return run_cells(group, results_dir, progress=False)
+
+    def checkpoint(self, group, results_dir):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, group, results_dir)
+
+
+def submit_slurm(cells, results_dir=RESULTS_DIR, partition=None, hours=4.0, gpus=0, executor=None):
+    """Submit the groups that `cells` still lack as one Slurm job array (submitit); returns the jobs.
+    `executor` replaces the Slurm one (tests pass submitit's local executor)."""
+    import submitit
+    results_dir = writable_results(results_dir)
+    _, pending = stored_and_missing(cells, results_dir)
+    plan = planned_groups([s for i, s in enumerate(pending) if s not in pending[:i]], results_dir)
+    if executor is None:
+        executor = submitit.AutoExecutor(folder=results_dir / "slurm")
+        executor.update_parameters(slurm_partition=partition, gpus_per_node=gpus, cpus_per_task=2,
+                                   timeout_min=max(1, round(hours * 60)), slurm_array_parallelism=len(plan) or 1)
+    with executor.batch():
+        jobs = [executor.submit(GroupJob(), group, str(results_dir)) for group in plan]
+    return jobs
 
 
 def grid(hiddens, latents, **overrides):
@@ -716,10 +926,15 @@ EXPERIMENTS = {
 }
 
 
-def experiment_cells(name):
+def experiment_cells(name, epochs=None, max_params=None, min_params=0):
+    """An experiment's cells, each trained `epochs` long if given, those of the size asked for."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)} or 'all'")
-    return EXPERIMENTS[name]()
+    cells = EXPERIMENTS[name]()
+    if epochs is not None:
+        cells = [cell_settings(**dict(s, epochs=epochs)) for s in cells]
+    fits = lambda s: min_params <= n_params_formula(s["hidden"], s["latent"]) <= (max_params or float("inf"))
+    return [s for s in cells if fits(s)]
 
 
 def end_of_epoch(rec, epoch):
@@ -755,16 +970,14 @@ def table_name(name, epochs=None):
     return name if epochs is None else f"{name}_e{epochs}"
 
 
-def run_experiment(name, results_dir=RESULTS_DIR, progress=True, epochs=None, max_params=None, min_params=0):
+def run_experiment(name, results_dir=RESULTS_DIR, progress=True, epochs=None, max_params=None, min_params=0,
+                   jobs=1):
     """Run or resume one question's grid, write results/<name>.csv, return (table, records).
     With `epochs`, every cell trains that long instead, and the table is <name>_e<epochs>.csv.
     With `max_params` or `min_params`, only the cells of that size train (a laptop takes the
-    small ones, a GPU the large); the table holds every stored cell."""
-    cells = experiment_cells(name)
-    if epochs is not None:
-        cells = [cell_settings(**dict(s, epochs=epochs)) for s in cells]
-    fits = lambda s: min_params <= n_params_formula(s["hidden"], s["latent"]) <= (max_params or float("inf"))
-    run_cells([s for s in cells if fits(s)], results_dir, progress)
+    small ones, a GPU the large); the table holds every stored cell. `jobs`: worker processes."""
+    run_cells(experiment_cells(name, epochs, max_params, min_params), results_dir, progress, jobs)
+    cells = experiment_cells(name, epochs)
     records = stored_and_missing(cells, results_dir)[0]
     table = summary_table(records)
     atomic_save(table, Path(results_dir) / f"{table_name(name, epochs)}.csv", lambda t, p: t.to_csv(p, index=False))
@@ -931,16 +1144,40 @@ def main(argv=None):
                         "experiment's own protocol; the table goes to results/<name>_e<N>.csv")
     parser.add_argument("--max-params", type=int, help="train only the cells of at most this many parameters")
     parser.add_argument("--min-params", type=int, default=0, help="train only the cells of at least this many")
+    parser.add_argument("--jobs", type=int, default=CORES, help="worker processes, single-threaded "
+                        f"when there are enough groups (default: one per core, {CORES} here)")
+    parser.add_argument("--slurm", action="store_true", help="submit the missing groups to Slurm as one "
+                        "job array (submitit) instead of training here; run again without it for the table")
+    parser.add_argument("--partition", help="Slurm partition (with --slurm)")
+    parser.add_argument("--hours", type=float, default=4.0, help="Slurm time limit per job (default 4); "
+                        "a job stopped by it is requeued and resumes from its checkpoint")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs per Slurm job (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
-    import pandas as pd
-    pd.set_option("display.width", 200)
-    for name in sorted(EXPERIMENTS) if args.experiment == "all" else [args.experiment]:
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    names = sorted(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    if args.slurm:
+        cells = [s for n in names for s in experiment_cells(n, args.epochs, args.max_params, args.min_params)]
+        jobs = submit_slurm(cells, args.results, args.partition, args.hours, args.gpus)
+        print(f"submitted {len(jobs)} groups as Slurm jobs {', '.join(j.job_id for j in jobs) or '(none missing)'}; "
+              f"logs in {Path(args.results) / 'slurm'}. When they finish, run this command without --slurm.")
+        return
+    for name in names:
         table, _ = run_experiment(name, args.results, not args.no_progress, args.epochs,
-                                  args.max_params, args.min_params)
+                                  args.max_params, args.min_params, args.jobs)
         name = table_name(name, args.epochs)
-        print(f"\n{name} ({len(table)} cells), written to {Path(args.results) / (name + '.csv')}")
-        print(table.to_string(index=False))
+        print(f"\n{name} ({len(table)} cells), written to {Path(args.results) / (name + '.csv')} "
+              "with every column; here the settings that vary and the results:")
+        print(readable(table).to_string(index=False))
+
+
+def readable(table):
+    """The table as printed: settings that are the same in every row left out."""
+    results = {"n_params", "best_test_vfe", "best_epoch", "final_test_vfe", "final_train_vfe",
+               "final_running_train_vfe", "active_units", "diverged_epoch"}
+    keep = [c for c in table if c in results or (c != "wall_seconds" and table[c].nunique(dropna=False) > 1)]
+    return table[keep]
 
 
 if __name__ == "__main__":
