@@ -2,11 +2,16 @@
 PY := .venv/bin/python
 NB := M63556AB_RepLearning.ipynb
 
-.PHONY: run test setup data
+.PHONY: run test lab setup data
 
+# record_timing=False: re-running leaves the committed notebook unchanged where the results are.
 run: setup
 	.venv/bin/jupyter nbconvert --to notebook --execute --inplace \
-	  --ExecutePreprocessor.timeout=-1 $(NB)
+	  --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.record_timing=False $(NB)
+
+# Open the notebook in JupyterLab (in your browser; Ctrl-C here to stop it).
+lab: setup
+	.venv/bin/jupyter lab $(NB)
 
 test: setup
 	$(PY) -m pytest tests --nbval $(NB) --nbval-current-env -q

@@ -477,7 +477,7 @@ def grid_noise(cells, epoch, device, L, sizes=None):
     return lambda rows: torch.stack([F.pad(d(rows), (0, L - s["latent"])) for d, s in zip(draws, cells)])
 
 
-def train_epoch(grid, opt, train_x, cells, epoch, batches=None):
+def train_epoch(grid, opt, train_x, cells, epoch, batches=None, bar=None):
     """One pass over the training images (or its first `batches`). Per cell: the summed VFE, the
     peaks (largest log-variance, gradient norm) and the first step at which each of NONFINITE was
     not finite (-1: never). All stay on the device until the epoch ends."""
@@ -502,6 +502,8 @@ def train_epoch(grid, opt, train_x, cells, epoch, batches=None):
             peaks = torch.fmax(peaks, torch.stack([max_lv, grad], 1))  # fmax: a NaN step leaves the peak
         opt.step()
         totals += per_cell.detach()
+        if bar is not None:
+            bar.update()
     return totals, peaks, first_bad
 
 
@@ -533,10 +535,14 @@ def train_group(cells, progress=True, checkpoint=None):
     fixed = lambda x: grid_noise(cells, 0, device, L, chunk_sizes(len(x), EVAL_CHUNK))
     train_eval_x = train_x[:TRAIN_EVAL_IMAGES]
     name = f"h={s0['hidden']} l={','.join(str(s['latent']) for s in cells)}"
-    for epoch in tqdm(range(start, s0["epochs"] + 1), desc=name, initial=start - 1,
-                      total=s0["epochs"], disable=not progress, leave=False):
+    steps = -(-len(train_x) // s0["batch_size"])
+    for epoch in tqdm(range(start, s0["epochs"] + 1), desc=name, initial=start - 1, unit="epoch",
+                      total=s0["epochs"], disable=not progress, leave=False, position=PROGRESS_ROW):
         t0 = time.perf_counter()
-        totals, peaks, first_bad = train_epoch(grid, opt, train_x, cells, epoch)
+        # A long epoch gets a bar of its own, with the time it has left.
+        with tqdm(total=steps, desc=f"{name} epoch {epoch}", unit="batch", leave=False,
+                  disable=not progress or steps < 100, position=PROGRESS_ROW + 1) as bar:
+            totals, peaks, first_bad = train_epoch(grid, opt, train_x, cells, epoch, bar=bar)
         measured = [None] * C
         if evaluated(s0, epoch):
             r, k, means = test_terms(grid, test_x, fixed(test_x), s0["recon"])
@@ -620,6 +626,7 @@ def groups(cells, max_params=40_000_000, max_waste=0.1, free_padding=4_000_000):
 # ---------------------------------------------------------------------------
 
 HOST = platform.node()
+PROGRESS_ROW = 0  # a worker process draws its progress bars below the others' rows
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 WAIT_SECONDS = 5  # how often a worker looks again for groups that others are training
 
@@ -809,7 +816,7 @@ def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
     failed = []
     while pending:
         busy = False
-        for group in tqdm(planned_groups(pending, results_dir), desc="groups", disable=not progress):
+        for group in tqdm(planned_groups(pending, results_dir), desc="groups", disable=not progress or PROGRESS_ROW > 0):
             with group_lock(checkpoint_path(group, results_dir)) as lock:
                 if lock is None:
                     busy = True  # another process is training it
@@ -825,18 +832,20 @@ def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
     return [load_cell(cell_path(s, results_dir), s) for s in cells]
 
 
-def worker(cells, results_dir, threads):
+def worker(cells, results_dir, threads, row=0, progress=False):
     """One of run_cells' worker processes: single-threaded, claiming groups through their locks."""
+    global PROGRESS_ROW
+    PROGRESS_ROW = row
     torch.set_num_threads(threads)
-    run_cells(cells, results_dir, progress=False)
+    run_cells(cells, results_dir, progress=progress)
 
 
 def run_workers(cells, results_dir, jobs, progress):
     """Train the missing cells in `jobs` processes, the machine's cores shared among them."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(cells, str(results_dir), max(1, CORES // jobs)))
-             for _ in range(jobs)]
+    procs = [ctx.Process(target=worker, args=(cells, str(results_dir), max(1, CORES // jobs), 1 + 2 * i, progress))
+             for i in range(jobs)]
     for p in procs:
         p.start()
     unique = {cell_path(s, results_dir) for s in cells}

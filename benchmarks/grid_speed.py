@@ -1,13 +1,19 @@
 """Seconds per training epoch of a whole grid: the course notebook's way against the grid trainer.
 
-Run: .venv/bin/python benchmarks/grid_speed.py [--batches N] [--grids q4 q5] [--wide H ...] [--profile H ...] [--compile H ...]
+Run: .venv/bin/python benchmarks/grid_speed.py [--batches N] [--grids q4 q5] [--wide H ...] [--profile H ...]
+     [--compile H ...] [--workers] [--train-size N]
+--workers times Q4 from scratch for one epoch in a fresh process: one process with PyTorch's two
+threads (`--jobs 1`, the old way) against two single-threaded workers (`--jobs 2`, the default), on
+an idle machine and with one core kept busy by another process.
 Both ways, and the machine's float32 matrix-multiply rate, are measured in this one process.
 A subset of N mini-batches is timed and scaled to the 600 of a full epoch.
 """
 import argparse
 import json
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,6 +113,38 @@ def study_limit(rate):
     return len(cells), flop / rate / 3600
 
 
+def q4_epoch_seconds(jobs, train_size):
+    """Wall seconds of Q4's one-epoch run from scratch in a fresh process, as `--jobs` runs it."""
+    code = ("import sys, vae_helpers as v; cells = [v.cell_settings(**dict(s, epochs=1, train_size=%d)) "
+            "for s in v.experiment_cells('q4')]; v.run_cells(cells, sys.argv[1], progress=False, jobs=%d)")
+    with tempfile.TemporaryDirectory() as folder:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code % (train_size, jobs), folder], check=True,
+                       cwd=Path(__file__).resolve().parents[1])
+        return time.perf_counter() - t0
+
+
+def busy_core():
+    """Another program keeping one core busy, at normal priority, as a student's laptop does."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def workers(train_size):
+    """Q4 one epoch: two single-threaded workers against one process of two threads, idle and busy."""
+    print(f"\nQ4 from scratch, one epoch of {train_size:,} images, in a fresh process (start-up included):")
+    idle = {jobs: q4_epoch_seconds(jobs, train_size) for jobs in (1, 2)}
+    hog = busy_core()
+    try:
+        load = {jobs: q4_epoch_seconds(jobs, train_size) for jobs in (1, 2)}
+    finally:
+        hog.kill()
+    print(f"  idle machine: --jobs 1 (2 threads) {idle[1]:.1f} s, --jobs 2 (1 thread each) {idle[2]:.1f} s")
+    print(f"  one core busy: --jobs 1 (2 threads) {load[1]:.1f} s, --jobs 2 (1 thread each) {load[2]:.1f} s")
+    print(f"q4 one epoch, 2 workers vs 1: {idle[1] / idle[2]:.1f}x")
+    print(f"q4 one epoch under load, new vs 2 threads: {load[1] / load[2]:.1f}x")
+    print(f"q4 one epoch idle, new vs 2 threads: {idle[1] / idle[2]:.1f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=60, help="mini-batches timed per model or group")
@@ -117,7 +155,11 @@ def main():
                         help="hidden sizes of Q4 groups to profile op by op (e.g. 5 500)")
     parser.add_argument("--compile", type=int, nargs="*", default=[],
                         help="hidden sizes of Q4 groups to time eager against torch.compile (e.g. 5 200)")
+    parser.add_argument("--workers", action="store_true", help="time Q4's epoch with --jobs 1 and 2, idle and busy")
+    parser.add_argument("--train-size", type=int, default=60_000, help="images per epoch for --workers")
     args = parser.parse_args()
+    if args.workers:
+        return workers(args.train_size)
     grids = {"q4": v.grid(v.Q4_HIDDEN, v.Q4_LATENT), "q5": v.grid(v.Q5_HIDDEN, v.Q5_LATENT)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.batches} of {BATCHES_PER_EPOCH} mini-batches timed per model or group, then scaled")

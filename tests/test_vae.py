@@ -689,3 +689,23 @@ def test_a_slurm_job_stopped_by_its_time_limit_is_requeued_and_resumes_from_its_
     assert "resuming" in job.stderr()
     plain, = v.run_cells([cell], tmp_path / "plain", progress=False)
     assert v.load_cell(v.cell_path(cell, tmp_path), cell)["test_vfe"] == pytest.approx(plain["test_vfe"], rel=1e-5)
+
+
+def test_the_environment_has_a_working_jupyter_lab_to_open_the_notebook():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "jupyterlab", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip()[0].isdigit()
+
+
+def test_a_long_epoch_shows_its_mini_batches_with_the_group_and_the_time_left(capsys):
+    v.train_group([v.cell_settings(5, 2, epochs=1, train_size=10_000)], progress=True)
+    err = capsys.readouterr().err
+    assert "h=5 l=2 epoch 1" in err and "100/100" in err and "batch" in err and "<" in err  # tqdm's time left
+
+
+def test_the_printed_table_leaves_out_settings_that_never_change():
+    table = v.summary_table(v.stored_records("q4")[0])
+    shown = v.readable(table)
+    assert {"hidden_dim", "latent_dim", "best_test_vfe", "final_test_vfe"} <= set(shown)
+    assert not {"recon", "epochs", "seed", "train_size", "wall_seconds"} & set(shown)
