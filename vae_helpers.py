@@ -1141,6 +1141,149 @@ def generate(model, n=64, seed=0):
 
 
 # ---------------------------------------------------------------------------
+# Beyond the questions: the bound's tightness, the latent space
+# ---------------------------------------------------------------------------
+
+GAUSS_CONST = 0.5 * X_DIM * np.log(np.pi)  # 392 log(pi): what the course's VFE leaves out
+
+
+@torch.no_grad()
+def log_weights(model, x, k, seed=0, chunk=100):
+    """log p(x, z_i) - log q(z_i | x) for k draws z_i from the encoder, shape (k, images), under the
+    course's Gaussian decoder with variance 1/2, its constant included."""
+    h = model.encoder(x)
+    mean, std = model.mean(h), torch.exp(0.5 * model.log_var(h))
+    g, out = torch.Generator().manual_seed(seed), []
+    for n in chunk_sizes(k, chunk):
+        eps = torch.randn(n, *mean.shape, generator=g)
+        z = mean + std * eps
+        recon = -(torch.sigmoid(model.decoder(z)) - x).pow(2).sum(-1) - GAUSS_CONST
+        prior = -0.5 * (z.pow(2) + np.log(2 * np.pi)).sum(-1)
+        post = -0.5 * (eps.pow(2) + np.log(2 * np.pi)).sum(-1) - std.log().sum(-1)
+        out.append(recon + prior - post)
+    return torch.cat(out)
+
+
+def iwae_nll(model, x, ks=(1, 10, 100, 1000, 5000), seed=0):
+    """Burda et al.'s importance-weighted estimate of -log p(x) for each k (the first k draws of one
+    set), on the course's VFE scale (the constant 392 log(pi) removed): mean, its standard error
+    over images, and the standard error of its distance below the k = 1 estimate."""
+    w = log_weights(model, x, max(ks), seed)
+    one = -w[0] - GAUSS_CONST  # k = 1: a one-sample VFE of each image
+    rows = []
+    for k in ks:
+        nll = -(torch.logsumexp(w[:k], 0) - np.log(k)) - GAUSS_CONST
+        rows.append(dict(k=k, nll=float(nll.mean()), se=float(nll.std() / np.sqrt(len(nll))),
+                         below_k1_se=float((one - nll).std() / np.sqrt(len(nll)))))  # paired: image by image
+    return rows
+
+
+@torch.no_grad()
+def unit_kl(model, x):
+    """Each latent unit's KL to the prior, averaged over images (nats per unit), largest first."""
+    h = model.encoder(x)
+    mean, log_var = model.mean(h), model.log_var(h)
+    kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).mean(0)
+    return kl.sort(descending=True).values.numpy()
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+
+
+def test_labels(dataset="fashion-mnist", root=str(DATA_DIR)):
+    return dataset_class(dataset)(root, train=False).targets
+
+
+def latent_plane(model, x, labels, axes, n=15, span=3.0):
+    """A 2-unit model: the test images' posterior means coloured by class, and the decoder's
+    images over an n x n grid of the plane (Kingma and Welling 2014, figure 4)."""
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    with torch.no_grad():
+        means = model.mean(model.encoder(x)).numpy()
+    left, right = axes
+    colours = plt.cm.tab10.colors
+    for c, name in enumerate(FASHION_CLASSES):
+        at = labels.numpy() == c
+        left.scatter(means[at, 0], means[at, 1], s=2, color=colours[c], label=name)
+    left.set(xlabel="latent unit 1 (posterior mean)", ylabel="latent unit 2 (posterior mean)",
+             title="Test images' codes, coloured by class", xlim=(-span, span), ylim=(-span, span))
+    left.legend(markerscale=5, fontsize=7, loc="upper right")
+    u = torch.linspace(-span, span, n)
+    z = torch.stack(torch.meshgrid(u, u.flip(0), indexing="xy"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        images = model.decode(z).reshape(-1, 1, 28, 28)
+    right.imshow(make_grid(images, nrow=n, padding=0).permute(1, 2, 0).numpy(), extent=(-span, span, -span, span))
+    right.set(xlabel="latent unit 1", ylabel="latent unit 2", title=f"Decoder over a {n} x {n} grid of the plane")
+    return axes
+
+
+@torch.no_grad()
+def interpolations(model, x_pairs, steps=9):
+    """Decoder images along straight lines between the posterior means of pairs of images."""
+    rows = []
+    for a, b in x_pairs:
+        za, zb = (model.mean(model.encoder(v[None])) for v in (a, b))
+        t = torch.linspace(0, 1, steps)[:, None]
+        rows.append(model.decode((1 - t) * za + t * zb))
+    return torch.cat(rows)
+
+
+MODELS_DIR = RESULTS_DIR / "models"
+
+
+def keep_model(s, results_dir=RESULTS_DIR, models_dir=MODELS_DIR):
+    """Copy a trained cell's record and final weights into results/models/ (a few MB, committed)."""
+    rec = load_cell(cell_path(s, results_dir), s)
+    state = torch.load(weights_path(s, results_dir), map_location="cpu")
+    path = Path(models_dir) / cell_path(s).with_suffix(".pt").name
+    atomic_save({"record": rec, "state": state}, path, torch.save)
+    return path
+
+
+def kept_models(models_dir=MODELS_DIR):
+    """Every kept model as (record, VAE in eval mode), smallest first."""
+    out = []
+    for path in sorted(Path(models_dir).glob("*.pt")):
+        kept = torch.load(path, map_location="cpu")
+        s = kept["record"]["settings"]
+        model = VAE(s["hidden"], s["latent"])
+        model.load_state_dict(kept["state"])
+        out.append((kept["record"], model.eval()))
+    return sorted(out, key=lambda rm: rm[0]["n_params"])
+
+
+@torch.no_grad()
+def test_vfe(model, s, test_x):
+    """A model's test VFE measured as training measured it (fixed noise of its seed, epoch 0)."""
+    r, k, _ = test_terms(model, test_x, noise(s["seed"], 0, s["latent"], "cpu"), s["recon"])
+    return float(r + k)
+
+
+def bound_table(models, images=1000, ks=(1, 10, 100, 1000, 5000), seed=0, path=RESULTS_DIR / "bound.csv"):
+    """Per model and k: test VFE, the importance-weighted NLL estimate on the first `images` test
+    images with its standard error, and the gap; stored in results/bound.csv and read from it."""
+    import pandas as pd
+    key = dict(images=images, ks=list(ks), seed=seed, models=[r["settings"] for r, _ in models])
+    side = Path(path).with_suffix(".json")
+    if Path(path).exists() and side.exists() and json.loads(side.read_text()) == key:
+        return pd.read_csv(path)
+    x = load_data()[1][:images]
+    rows = []
+    for rec, model in models:
+        s = rec["settings"]
+        vfe = test_vfe(model, s, x)
+        for row in iwae_nll(model, x, ks, seed):
+            rows.append(dict(hidden_dim=s["hidden"], latent_dim=s["latent"], active_units=rec["active_units"],
+                             test_vfe=vfe, **row, gap=vfe - row["nll"]))
+    table = pd.DataFrame(rows)
+    atomic_save(table, path, lambda t, p: t.to_csv(p, index=False))
+    atomic_save(key, Path(path).with_suffix(".json"), write_json)
+    return table
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 

@@ -248,7 +248,7 @@ def test_divergence_in_the_first_epoch_stores_nothing(tmp_path, monkeypatch):
 def test_a_cell_that_diverges_later_is_stored_with_the_epochs_it_finished(tmp_path, monkeypatch):
     real, epochs = v.train_epoch, []
 
-    def gradient_nan_in_epoch_two_step_three(grid, opt, train_x, cells, epoch, batches=None):
+    def gradient_nan_in_epoch_two_step_three(grid, opt, train_x, cells, epoch, batches=None, bar=None):
         epochs.append(epoch)
         totals, peaks, first_bad = real(grid, opt, train_x, cells, epoch, batches)
         if epoch == 2:
@@ -567,7 +567,7 @@ def test_jobs_share_the_groups_among_worker_processes_and_store_every_cell(tmp_p
 def test_a_cell_diverging_in_its_first_epoch_is_reported_and_its_group_mates_are_stored(tmp_path, monkeypatch):
     real = v.train_epoch
 
-    def second_cell_nan(grid, opt, train_x, cells, epoch, batches=None):
+    def second_cell_nan(grid, opt, train_x, cells, epoch, batches=None, bar=None):
         totals, peaks, first_bad = real(grid, opt, train_x, cells, epoch, batches)
         return totals * torch.tensor([1.0, float("nan")]), peaks, first_bad
     monkeypatch.setattr(v, "train_epoch", second_cell_nan)
@@ -701,7 +701,7 @@ def test_the_environment_has_a_working_jupyter_lab_to_open_the_notebook():
 def test_a_long_epoch_shows_its_mini_batches_with_the_group_and_the_time_left(capsys):
     v.train_group([v.cell_settings(5, 2, epochs=1, train_size=10_000)], progress=True)
     err = capsys.readouterr().err
-    assert "h=5 l=2 epoch 1" in err and "100/100" in err and "batch" in err and "<" in err  # tqdm's time left
+    assert "h=5 l=2 epoch 1" in err and "/100 [" in err and "batch/s]" in err and "<" in err  # "<": time left
 
 
 def test_the_printed_table_leaves_out_settings_that_never_change():
@@ -709,3 +709,53 @@ def test_the_printed_table_leaves_out_settings_that_never_change():
     shown = v.readable(table)
     assert {"hidden_dim", "latent_dim", "best_test_vfe", "final_test_vfe"} <= set(shown)
     assert not {"recon", "epochs", "seed", "train_size", "wall_seconds"} & set(shown)
+
+
+# --- beyond the questions: the bound's tightness, the latent space ----------
+
+def small_model(latent=3):
+    torch.manual_seed(0)
+    return v.VAE(20, latent).eval()
+
+
+def test_log_weights_are_the_gaussian_joint_over_the_encoders_density():
+    model, x = small_model(), v.load_data()[1][:4]
+    w = v.log_weights(model, x, k=3, seed=1)
+    h = model.encoder(x)
+    mean, std = model.mean(h), torch.exp(0.5 * model.log_var(h))
+    z = mean + std * torch.randn(3, *mean.shape, generator=torch.Generator().manual_seed(1))
+    N = torch.distributions.Normal
+    direct = (N(torch.sigmoid(model.decoder(z)), math.sqrt(0.5)).log_prob(x).sum(-1)
+              + N(0.0, 1.0).log_prob(z).sum(-1) - N(mean, std).log_prob(z).sum(-1))
+    torch.testing.assert_close(w, direct.detach(), rtol=1e-5, atol=1e-3)
+
+
+def test_the_importance_weighted_estimate_falls_with_k_and_stays_below_the_one_sample_bound():
+    rec, model = v.train_cell(v.cell_settings(20, 3, epochs=1, train_size=3000), progress=False)
+    rows = v.iwae_nll(model.eval(), v.load_data()[1][:200], ks=(1, 10, 100))
+    nll = [r["nll"] for r in rows]
+    assert nll[0] > nll[1] > nll[2] and abs(nll[0] - rec["test_vfe"][-1]) < 5
+
+
+def test_unit_kl_adds_up_to_the_models_kl():
+    model, x = small_model(latent=4), v.load_data()[1][:50]
+    h = model.encoder(x)
+    _, kl = v.vfe_terms(model.decoder(model.mean(h)), x, model.mean(h), model.log_var(h))
+    units = v.unit_kl(model, x)
+    assert len(units) == 4 and (units[:-1] >= units[1:]).all()
+    assert units.sum() == pytest.approx(kl.mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kept", range(len(v.kept_models())))
+def test_each_kept_model_matches_its_record_when_re_evaluated(kept):
+    rec, model = v.kept_models()[kept]
+    assert v.test_vfe(model, rec["settings"], v.load_data()[1]) == pytest.approx(rec["final_test_vfe"], abs=0.01)
+
+
+def test_latent_plane_colours_codes_by_class_beside_the_decoded_grid():
+    import matplotlib.pyplot as plt
+    _, axes = plt.subplots(1, 2)
+    v.latent_plane(small_model(latent=2), v.load_data()[1][:300], v.test_labels()[:300], axes, n=4)
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == v.FASHION_CLASSES
+    assert axes[0].get_xlabel() and axes[1].get_xlabel() and len(axes[1].images) == 1
+    plt.close("all")
