@@ -1133,6 +1133,23 @@ def image_grid(images, title, path=None, nrow=8, ax=None):
     return ax
 
 
+def show(alt, fig=None):
+    """Display a figure as an image with alternative text (which nbconvert's HTML and screen
+    readers keep; plt.show's output has none), then close it."""
+    import base64
+    import io
+    from html import escape
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+    fig = fig or plt.gcf()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=fig.dpi, metadata={"Software": None})
+    plt.close(fig)
+    src = base64.b64encode(buf.getvalue()).decode()
+    display({"text/html": f'<img alt="{escape(alt)}" src="data:image/png;base64,{src}"/>',
+             "text/plain": f"<figure: {alt}>"}, raw=True)
+
+
 @torch.no_grad()
 def generate(model, n=64, seed=0):
     """Decoder outputs for n draws of z ~ N(0, I) from a seeded generator, as (n, 784)."""
