@@ -4,10 +4,12 @@ NB := M63556AB_RepLearning.ipynb
 
 .PHONY: run test lab setup data
 
-# record_timing=False: re-running leaves the committed notebook unchanged where the results are.
+# No timings, and printed lines merged however the kernel flushed them: re-running leaves the
+# committed notebook unchanged where the results are.
 run: setup
 	.venv/bin/jupyter nbconvert --to notebook --execute --inplace \
-	  --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.record_timing=False $(NB)
+	  --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.record_timing=False \
+	  --NotebookExporter.preprocessors=nbconvert.preprocessors.CoalesceStreamsPreprocessor $(NB)
 
 # Open the notebook in JupyterLab (in your browser; Ctrl-C here to stop it).
 lab: setup
