@@ -1326,6 +1326,13 @@ def main(argv=None):
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     names = sorted(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    try:
+        run_command(args, names)
+    except (ValueError, OSError, ResultsError) as err:  # bad input or a bad results folder: say it plainly
+        sys.exit(f"error: {err}")
+
+
+def run_command(args, names):
     if args.slurm:
         cells = [s for n in names for s in experiment_cells(n, args.epochs, args.max_params, args.min_params)]
         jobs = submit_slurm(cells, args.results, args.partition, args.hours, args.gpus)

@@ -759,3 +759,8 @@ def test_latent_plane_colours_codes_by_class_beside_the_decoded_grid():
     assert [t.get_text() for t in axes[0].get_legend().get_texts()] == v.FASHION_CLASSES
     assert axes[0].get_xlabel() and axes[1].get_xlabel() and len(axes[1].images) == 1
     plt.close("all")
+
+
+def test_command_line_names_a_bad_results_folder_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="results folder"):
+        v.main(["q4", "--results", "", "--no-progress"])
