@@ -923,6 +923,9 @@ EXPERIMENTS = {
                         if n == 1_000 or h not in (50, 300)],
     # Is the wide models' deficit Adam's step size? Their h x h layers' rate scaled by 500 / h.
     "q7_lr_scale": lambda: [cell_settings(h, Q7_LATENT, hh_lr_scale=500 / h) for h in (2000, 4500)],
+    # Is the rise past the line at 10,000 images the optimiser too? Its h = 2000 cell, width-scaled.
+    "q7_data_lr_scale": lambda: [cell_settings(2000, Q7_LATENT, train_size=10_000, epochs=100, eval_every=2,
+                                               hh_lr_scale=0.25)],
     # Choosing Q6's weight decay on a small and a large Q4 cell.
     "q6_sweep": lambda: [cell_settings(h, 10, weight_decay=wd)
                          for h in (50, 500) for wd in (0.0, 0.01, 0.1, 1.0, 10.0)],
