@@ -581,6 +581,7 @@ def resumed_group(cells, device, checkpoint=None):
     records = [dict(new_record(s, n, device), group=[c["latent"] for c in cells]) for s, n in zip(cells, sizes)]
     if checkpoint is None or not Path(checkpoint).exists():
         return grid, opt, records, 1
+    checkpoint = Path(checkpoint)
     try:
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if [r["settings"] for r in state["records"]] != cells:
@@ -589,7 +590,7 @@ def resumed_group(cells, device, checkpoint=None):
         print(f"resuming {checkpoint.name} after epoch {state['epoch']}", file=sys.stderr)
         return grid, opt, state["records"], state["epoch"] + 1
     except Exception as err:  # torch raises many kinds for a damaged file
-        aside = Path(checkpoint).with_name(f"{Path(checkpoint).name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = checkpoint.with_name(f"{checkpoint.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(checkpoint, aside)
         warnings.warn(f"checkpoint {checkpoint} could not be used ({err!r:.200}); it was set aside as "
                       f"{aside.name} and the group trains from its first epoch")
@@ -740,9 +741,12 @@ def load_cell(path, s):
 
 
 def stored_and_missing(cells, results_dir=RESULTS_DIR):
-    """The stored records among `cells` (each checked), and the settings of those not stored."""
+    """The stored records among `cells` (each checked), and the settings of those not stored (each
+    once, though asked for twice)."""
     have = [s for s in cells if cell_path(s, results_dir).exists()]
-    return [load_cell(cell_path(s, results_dir), s) for s in have], [s for s in cells if s not in have]
+    missing = [s for s in cells if s not in have]
+    return ([load_cell(cell_path(s, results_dir), s) for s in have],
+            [s for i, s in enumerate(missing) if s not in missing[:i]])
 
 
 @contextmanager
@@ -809,7 +813,6 @@ def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
     results_dir = writable_results(results_dir)
     remove_leftovers(results_dir)
     _, pending = stored_and_missing(cells, results_dir)
-    pending = [s for i, s in enumerate(pending) if s not in pending[:i]]  # a cell asked for twice trains once
     jobs = min(jobs, len(planned_groups(pending, results_dir))) if pending else 1
     if jobs > 1:  # more workers than groups would idle, and take threads from the others
         run_workers(cells, results_dir, jobs, progress)
@@ -876,8 +879,7 @@ def submit_slurm(cells, results_dir=RESULTS_DIR, partition=None, hours=4.0, gpus
     `executor` replaces the Slurm one (tests pass submitit's local executor)."""
     import submitit
     results_dir = writable_results(results_dir)
-    _, pending = stored_and_missing(cells, results_dir)
-    plan = planned_groups([s for i, s in enumerate(pending) if s not in pending[:i]], results_dir)
+    plan = planned_groups(stored_and_missing(cells, results_dir)[1], results_dir)
     if executor is None:
         executor = submitit.AutoExecutor(folder=results_dir / "slurm")
         executor.update_parameters(slurm_partition=partition, gpus_per_node=gpus, cpus_per_task=2,
@@ -1299,7 +1301,7 @@ def bound_table(models, images=1000, ks=(1, 10, 100, 1000, 5000), seed=0, path=R
                              test_vfe=vfe, **row, gap=vfe - row["nll"]))
     table = pd.DataFrame(rows)
     atomic_save(table, path, lambda t, p: t.to_csv(p, index=False))
-    atomic_save(key, Path(path).with_suffix(".json"), write_json)
+    atomic_save(key, side, write_json)
     return table
 
 
