@@ -39,7 +39,12 @@ PROTOCOL = dict(dataset="fashion-mnist", recon="mse", lr=1e-3, batch_size=100,
 # matrix products in bfloat16 (weights, Adam and the test VFE stay float32). eval_every: the
 # VFEs are measured after every k-th epoch and the last. hh_lr_scale multiplies the learning
 # rate of the two h x h weight matrices (Yang et al.'s width scaling for Adam is 500 / h).
-OPTIONS = dict(precision="float32", eval_every=1, hh_lr_scale=1.0)
+# train_offset: the training set is images train_offset .. train_offset + train_size - 1.
+# val_size: the VFE is also measured on the last val_size training images (held out from every
+# training set). recon_images: the posterior-mean reconstructions of the first that many test
+# images are kept at the final and the best-validation epoch (stored beside the record).
+OPTIONS = dict(precision="float32", eval_every=1, hh_lr_scale=1.0, train_offset=0, val_size=0,
+               recon_images=0)
 # A group's checkpoint is written after an epoch when this long has passed since the last one:
 # every epoch of a slow group, without writing hundreds of MB per second on a fast GPU.
 CHECKPOINT_SECONDS = float(os.environ.get("VAE_CHECKPOINT_SECONDS", 60))
@@ -107,6 +112,13 @@ def load_data(dataset="fashion-mnist", root=str(DATA_DIR)):
     # Same values as the course's transforms.ToTensor(): uint8 / 255, then flattened.
     to_float = lambda ds: ds.data.reshape(len(ds.data), X_DIM).float().div_(255)
     return to_float(train), to_float(test)
+
+
+def cell_data(s, device):
+    """A cell's training images, its validation images (None without val_size) and the test images."""
+    train_x, test_x = (t.to(device) for t in load_data(s["dataset"]))
+    off, val = s.get("train_offset", 0), s.get("val_size", 0)
+    return train_x[off: off + s["train_size"]], (train_x[TRAIN_IMAGES - val:] if val else None), test_x
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +239,14 @@ def cell_settings(hidden, latent, **overrides):
         s[key] = checked_number(key, s[key], int, low=1)
     if s["train_size"] > TRAIN_IMAGES:
         raise ValueError(f"train_size must be at most the {TRAIN_IMAGES:,} training images, got {s['train_size']:,}")
+    for key, high in (("train_offset", TRAIN_IMAGES - 1), ("val_size", TRAIN_IMAGES - 1), ("recon_images", 10_000)):
+        s[key] = checked_number(key, s[key], int, low=0, high=high)
+    if s["train_offset"] + s["train_size"] > TRAIN_IMAGES - s["val_size"]:
+        what = "the validation images" if s["val_size"] else "the end of the training images"
+        raise ValueError(f"train_offset {s['train_offset']:,} + train_size {s['train_size']:,} runs into {what} "
+                         f"(image {TRAIN_IMAGES - s['val_size']:,} on, val_size {s['val_size']:,})")
+    if s["recon_images"] and s["val_size"] == 0:
+        raise ValueError("recon_images needs val_size > 0: reconstructions are kept at the best-validation epoch")
     s["seed"] = checked_number("seed", s["seed"], int, low=0, high=2 ** 31 - 1)
     s["lr"] = checked_number("lr", s["lr"], float, low=0, strict=True)
     s["hh_lr_scale"] = checked_number("hh_lr_scale", s["hh_lr_scale"], float, low=0, strict=True)
@@ -277,14 +297,16 @@ def new_record(s, n_par, device):
     """An empty record. train_vfe is measured after an epoch like test_vfe (eval mode, fixed noise,
     the first TRAIN_EVAL_IMAGES training images); running_train_vfe is the mean of the epoch's
     mini-batch VFEs, taken while the weights moved. max_log_var and max_grad_norm: each epoch's peaks."""
-    return dict(settings=s, n_params=n_par, device=str(device), versions=versions(device), eval_epochs=[],
-                test_vfe=[], test_recon=[], test_kl=[], train_vfe=[], running_train_vfe=[],
-                max_log_var=[], max_grad_norm=[], epoch_seconds=[])
+    rec = dict(settings=s, n_params=n_par, device=str(device), versions=versions(device), eval_epochs=[],
+               test_vfe=[], test_recon=[], test_kl=[], train_vfe=[], running_train_vfe=[],
+               max_log_var=[], max_grad_norm=[], epoch_seconds=[])
+    rec.update({"val_vfe": []} if s.get("val_size") else {}, **{"recons": {}} if s.get("recon_images") else {})
+    return rec
 
 
 def append_epoch(rec, running, seconds, peaks, measured=None):
     """Add one epoch: its running training VFE, time and peaks (largest log-variance, gradient norm),
-    and after an evaluated epoch `measured` = (test recon, test KL, training VFE). A value that is not
+    and after an evaluated epoch `measured` = (test recon, test KL, training VFE[, validation VFE]). A value that is not
     finite instead marks the epoch the cell diverged in; the cell keeps the epochs it finished."""
     if "diverged_epoch" in rec:
         return
@@ -297,7 +319,9 @@ def append_epoch(rec, running, seconds, peaks, measured=None):
     rec["max_log_var"].append(peaks[0])
     rec["max_grad_norm"].append(peaks[1])
     if measured is not None:
-        test_rec, test_kl, train_vfe = measured
+        test_rec, test_kl, train_vfe, *val = measured
+        if val:
+            rec["val_vfe"].append(val[0])
         rec["eval_epochs"].append(epoch)
         rec["test_recon"].append(test_rec)
         rec["test_kl"].append(test_kl)
@@ -332,6 +356,9 @@ def finish_record(rec, means):
     rec["best_epoch"] = rec["eval_epochs"][int(test.argmin())]
     rec["best_test_vfe"] = float(test.min())
     rec["final_test_vfe"] = float(test[-1])
+    if rec.get("val_vfe"):  # early stopping on held-out training images, not on the test set
+        i = int(np.argmin(rec["val_vfe"]))
+        rec["best_val_epoch"], rec["test_vfe_at_best_val"] = rec["eval_epochs"][i], float(test[i])
     rec["active_units"] = None if "diverged_epoch" in rec else active_units(means)  # no finite code left
     rec["wall_seconds"] = float(sum(rec["epoch_seconds"]))
     return rec
@@ -366,8 +393,7 @@ def adam(s, params, hh_weights):
 def train_cell(s, progress=True):
     """Reference trainer: one model, as the course trains it. Returns (record, model)."""
     device = pick_device()
-    train_x, test_x = (t.to(device) for t in load_data(s["dataset"]))
-    train_x = train_x[: s["train_size"]]
+    train_x, val_x, test_x = cell_data(s, device)
     torch.manual_seed(s["seed"])
     model = VAE(s["hidden"], s["latent"]).to(device)
     opt = adam(s, list(model.parameters()), [model.encoder[2].weight, model.decoder[2].weight])
@@ -398,9 +424,13 @@ def train_cell(s, progress=True):
             train_eval_x = train_x[:TRAIN_EVAL_IMAGES]
             tr, tk, _ = test_terms(model, train_eval_x, fixed(train_eval_x), s["recon"])
             measured = (float(r), float(k), float(tr + tk))
+            if val_x is not None:
+                vr, vk, _ = test_terms(model, val_x, fixed(val_x), s["recon"])
+                measured += (float(vr + vk),)
         append_epoch(rec, float(total) / len(train_x), time.perf_counter() - t0, peaks.tolist(), measured)
         if "diverged_epoch" in rec:
             break
+    rec.pop("recons", None)  # kept by the group trainer only
     return finish_record(rec, means), model
 
 
@@ -528,8 +558,7 @@ def train_group(cells, progress=True, checkpoint=None):
     resumed from it.
     """
     s0, device = cells[0], pick_device()
-    train_x, test_x = (t.to(device) for t in load_data(s0["dataset"]))
-    train_x = train_x[: s0["train_size"]]
+    train_x, val_x, test_x = cell_data(s0, device)
     grid, opt, records, start = resumed_group(cells, device, checkpoint)
     L, C, means, saved = max(grid.latents), len(cells), None, time.monotonic()
     fixed = lambda x: grid_noise(cells, 0, device, L, chunk_sizes(len(x), EVAL_CHUNK))
@@ -547,7 +576,11 @@ def train_group(cells, progress=True, checkpoint=None):
         if evaluated(s0, epoch):
             r, k, means = test_terms(grid, test_x, fixed(test_x), s0["recon"])
             tr, tk, _ = test_terms(grid, train_eval_x, fixed(train_eval_x), s0["recon"])
-            measured = torch.stack([r, k, tr + tk], 1).tolist()
+            cols = [r, k, tr + tk]
+            if val_x is not None:
+                vr, vk, _ = test_terms(grid, val_x, fixed(val_x), s0["recon"])
+                cols.append(vr + vk)
+            measured = torch.stack(cols, 1).tolist()
         seconds = (time.perf_counter() - t0) / C  # each cell's share of the group's time
         totals, peaks, first_bad = totals.tolist(), peaks.tolist(), first_bad.tolist()
         for c in range(C):
@@ -555,6 +588,8 @@ def train_group(cells, progress=True, checkpoint=None):
             append_epoch(records[c], totals[c] / len(train_x), seconds, peaks[c], measured[c])
             if was_going and "diverged_epoch" in records[c]:
                 note_divergence(records[c], first_bad[c], peaks[c])
+        if s0.get("recon_images") and measured[0] is not None:
+            keep_reconstructions(grid, test_x[: s0["recon_images"]], records)
         if all("diverged_epoch" in rec for rec in records):
             break
         if checkpoint is not None and (time.monotonic() - saved >= CHECKPOINT_SECONDS or epoch == s0["epochs"]):
@@ -572,6 +607,23 @@ def train_group(cells, progress=True, checkpoint=None):
             warnings.warn(str(err))
             finished.append(None)
     return finished, [grid.cell(c).cpu() for c in range(C)]
+
+
+@torch.no_grad()
+def keep_reconstructions(grid, x, records):
+    """Each going cell's posterior-mean reconstructions of x (decoded from z = mean), kept as the
+    final ones and, when its validation VFE is the lowest so far, as the best-validation ones:
+    quantised to bytes (k / 255), beside the exact mean squared error of the float images."""
+    zeros = torch.zeros(len(grid.latents), len(x), max(grid.latents), device=x.device)
+    images = torch.sigmoid(grid(x, zeros)[0])
+    for c, rec in enumerate(records):
+        if "diverged_epoch" in rec:
+            continue
+        kept = dict(images=images[c].mul(255).round().to(torch.uint8).cpu(),
+                    mse=float((images[c] - x).pow(2).sum(-1).mean()))
+        rec["recons"]["final"] = kept
+        if int(np.argmin(rec["val_vfe"])) == len(rec["val_vfe"]) - 1:
+            rec["recons"]["best_val"] = kept
 
 
 def resumed_group(cells, device, checkpoint=None):
@@ -697,7 +749,18 @@ def cell_path(s, results_dir=RESULTS_DIR):
     digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
     slug = f"{s['dataset']}-h{s['hidden']}-l{s['latent']}-wd{s['weight_decay']:g}-e{s['epochs']}-s{s['seed']}"
     slug += "-bf16" if s.get("precision") == "bfloat16" else ""
+    slug += f"-o{s['train_offset']}" if s.get("train_offset") else ""
     return Path(results_dir) / "cells" / f"{slug}-{digest}.json"
+
+
+def recons_path(s, results_dir=RESULTS_DIR):
+    """Where a cell's kept test reconstructions live (uint8 arrays `final` and `best_val`)."""
+    return Path(results_dir) / "recons" / cell_path(s).with_suffix(".npz").name
+
+
+def save_npz(arrays, path):
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def weights_path(s, results_dir=RESULTS_DIR):
@@ -800,6 +863,11 @@ def store_group(group, results_dir, progress):
         for s, rec, model in zip(group, records, models):
             if s in todo and rec is not None:
                 atomic_save(model.state_dict(), weights_path(s, results_dir), torch.save)
+                recons = rec.pop("recons", None)
+                if recons:  # before the record: a stored record means everything of its cell is stored
+                    rec.update({f"recon_mse_{k}": v["mse"] for k, v in recons.items()})
+                    arrays = {k: v["images"].numpy() for k, v in recons.items()}
+                    atomic_save(arrays, recons_path(s, results_dir), save_npz)
                 atomic_save(rec, cell_path(s, results_dir), write_json)
     checkpoint.unlink(missing_ok=True)
     checkpoint.with_suffix(".json").unlink(missing_ok=True)
@@ -914,6 +982,21 @@ Q7_WIDE = [cell_settings(h, Q7_LATENT) for h in (2000, 3200, 4500, 4750, 5000)] 
 Q7_DATA_HIDDEN = [10, 50, 150, 300, 500, 1000, 2000, 4000, 6000]
 Q7_DATA = {1_000: (400, 10, (0, 1, 2)), 10_000: (100, 2, (0,))}
 # At 10,000 images h = 50 and 300 are left out: four models below the line are enough.
+# Bias and variance over training sets (Geman et al. 1992; Neal et al. 2018): K disjoint sets of
+# 1,000 images (set k: images 1,000k on, trained with seed k), and seeds 1 and 2 on set 0 for the
+# part of the variance that comes from the seed (initial weights, data order, noise). As q7_data
+# at N = 1,000, plus a validation VFE on the last 5,000 training images and the reconstructions
+# of the first 1,000 test images.
+Q7_BV_HIDDEN = [10, 50, 150, 300, 500, 1000, 2000]
+Q7_BV_SETS = 5
+Q7_BV = dict(train_size=1_000, epochs=400, eval_every=10, val_size=5_000, recon_images=1_000)
+
+
+def q7_bias_variance_cells():
+    sets = [dict(train_offset=1_000 * k, seed=k) for k in range(Q7_BV_SETS)]
+    runs = sets + [dict(train_offset=0, seed=seed) for seed in (1, 2)]
+    return [cell_settings(h, Q7_LATENT, **Q7_BV, **run) for h in Q7_BV_HIDDEN for run in runs]
+
 
 EXPERIMENTS = {
     "q4": lambda: grid(Q4_HIDDEN, Q4_LATENT),
@@ -923,6 +1006,7 @@ EXPERIMENTS = {
     "q7_data": lambda: [cell_settings(h, Q7_LATENT, train_size=n, epochs=e, eval_every=k, seed=seed)
                         for n, (e, k, seeds) in Q7_DATA.items() for seed in seeds for h in Q7_DATA_HIDDEN
                         if n == 1_000 or h not in (50, 300)],
+    "q7_bias_variance": q7_bias_variance_cells,
     # Is the wide models' deficit Adam's step size? Their h x h layers' rate scaled by 500 / h.
     "q7_lr_scale": lambda: [cell_settings(h, Q7_LATENT, hh_lr_scale=500 / h) for h in (2000, 4500)],
     # Is the rise past the line at 10,000 images the optimiser too? Its h = 2000 cell, width-scaled.
