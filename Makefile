@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 NB := M63556AB_RepLearning.ipynb
 
-.PHONY: run test lab setup data
+.PHONY: run test lab setup data check-run
 
 # No timings, and printed lines merged however the kernel flushed them: re-running leaves the
 # committed notebook unchanged where the results are.
@@ -10,6 +10,13 @@ run: setup
 	.venv/bin/jupyter nbconvert --to notebook --execute --inplace \
 	  --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.record_timing=False \
 	  --NotebookExporter.preprocessors=nbconvert.preprocessors.CoalesceStreamsPreprocessor $(NB)
+
+# CI's first step: the committed notebook and generated_sample.png are exactly what the code draws
+# from results/ (figures byte for byte), so executing it leaves the checkout unchanged.
+check-run: run
+	@changed="$$(git status --porcelain)"; if [ -n "$$changed" ]; then \
+	  echo "make run changed the checkout:"; echo "$$changed"; git diff --stat; exit 1; fi
+	@echo "make run left the checkout unchanged"
 
 # Open the notebook in JupyterLab (in your browser; Ctrl-C here to stop it).
 lab: setup

@@ -597,6 +597,7 @@ def train_group(cells, progress=True, checkpoint=None):
                          "epoch": epoch}, checkpoint, torch.save)
             atomic_save({"cells": cells}, Path(checkpoint).with_suffix(".json"), write_json)  # who can resume it
             saved = time.monotonic()
+            hold_for_tests()
     if means is None:  # resumed after the last epoch's checkpoint
         means = test_terms(grid, test_x, fixed(test_x), s0["recon"])[2]
     finished = []
@@ -624,6 +625,14 @@ def keep_reconstructions(grid, x, records):
         rec["recons"]["final"] = kept
         if int(np.argmin(rec["val_vfe"])) == len(rec["val_vfe"]) - 1:
             rec["recons"]["best_val"] = kept
+
+
+def hold_for_tests():
+    """After a checkpoint, wait while the file named by VAE_HOLD_FILE exists: a test stops a job at
+    this known point instead of racing a time limit. Unset (always, outside tests) it does nothing."""
+    hold = os.environ.get("VAE_HOLD_FILE")
+    while hold and Path(hold).exists():
+        time.sleep(0.05)
 
 
 def resumed_group(cells, device, checkpoint=None):
@@ -1097,7 +1106,7 @@ def best_model(records, results_dir=RESULTS_DIR):
         atomic_save({"settings": best["settings"], "state": state}, path, torch.save)
     model = VAE(best["settings"]["hidden"], best["settings"]["latent"])
     model.load_state_dict(torch.load(path, map_location="cpu")["state"])
-    return best, model.eval()
+    return best, model.double().eval()  # float64, as kept_models
 
 
 # ---------------------------------------------------------------------------
@@ -1223,27 +1232,30 @@ def image_grid(images, title, path=None, nrow=8, ax=None):
 
 
 def show(alt, fig=None):
-    """Display a figure as an image with alternative text (which nbconvert's HTML and screen
-    readers keep; plt.show's output has none), then close it."""
+    """Display a figure as an image/png output with alternative text in its metadata (read by
+    nbconvert's templates and nbsphinx) and as text/plain; then close it."""
     import base64
     import io
-    from html import escape
     import matplotlib.pyplot as plt
     from IPython.display import display
     fig = fig or plt.gcf()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", dpi=fig.dpi, metadata={"Software": None})
     plt.close(fig)
-    src = base64.b64encode(buf.getvalue()).decode()
-    display({"text/html": f'<img alt="{escape(alt)}" src="data:image/png;base64,{src}"/>',
-             "text/plain": f"<figure: {alt}>"}, raw=True)
+    display({"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": f"<figure: {alt}>"},
+            metadata={"image/png": {"alt": alt}}, raw=True)
+
+
+def like(model, x):
+    """x in the model's float type: the kept models run in float64 (see kept_models)."""
+    return x.to(next(model.parameters()).dtype)
 
 
 @torch.no_grad()
 def generate(model, n=64, seed=0):
     """Decoder outputs for n draws of z ~ N(0, I) from a seeded generator, as (n, 784)."""
     z = torch.randn(n, model.mean.out_features, generator=torch.Generator().manual_seed(seed))
-    return model.decode(z)
+    return model.decode(like(model, z))
 
 
 # ---------------------------------------------------------------------------
@@ -1257,11 +1269,12 @@ GAUSS_CONST = 0.5 * X_DIM * np.log(np.pi)  # 392 log(pi): what the course's VFE 
 def log_weights(model, x, k, seed=0, chunk=100):
     """log p(x, z_i) - log q(z_i | x) for k draws z_i from the encoder, shape (k, images), under the
     course's Gaussian decoder with variance 1/2, its constant included."""
+    x = like(model, x)
     h = model.encoder(x)
     mean, std = model.mean(h), torch.exp(0.5 * model.log_var(h))
     g, out = torch.Generator().manual_seed(seed), []
     for n in chunk_sizes(k, chunk):
-        eps = torch.randn(n, *mean.shape, generator=g)
+        eps = like(model, torch.randn(n, *mean.shape, generator=g))
         z = mean + std * eps
         recon = -(torch.sigmoid(model.decoder(z)) - x).pow(2).sum(-1) - GAUSS_CONST
         prior = -0.5 * (z.pow(2) + np.log(2 * np.pi)).sum(-1)
@@ -1287,7 +1300,7 @@ def iwae_nll(model, x, ks=(1, 10, 100, 1000, 5000), seed=0):
 @torch.no_grad()
 def unit_kl(model, x):
     """Each latent unit's KL to the prior, averaged over images (nats per unit), largest first."""
-    h = model.encoder(x)
+    h = model.encoder(like(model, x))
     mean, log_var = model.mean(h), model.log_var(h)
     kl = -0.5 * (1 + log_var - mean.pow(2) - log_var.exp()).mean(0)
     return kl.sort(descending=True).values.numpy()
@@ -1307,7 +1320,7 @@ def latent_plane(model, x, labels, axes, n=15, span=3.0):
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
     with torch.no_grad():
-        means = model.mean(model.encoder(x)).numpy()
+        means = model.mean(model.encoder(like(model, x))).numpy()
     left, right = axes
     colours = plt.cm.tab10.colors
     for c, name in enumerate(FASHION_CLASSES):
@@ -1319,7 +1332,7 @@ def latent_plane(model, x, labels, axes, n=15, span=3.0):
     u = torch.linspace(-span, span, n)
     z = torch.stack(torch.meshgrid(u, u.flip(0), indexing="xy"), -1).reshape(-1, 2)
     with torch.no_grad():
-        images = model.decode(z).reshape(-1, 1, 28, 28)
+        images = model.decode(like(model, z)).reshape(-1, 1, 28, 28)
     right.imshow(make_grid(images, nrow=n, padding=0).permute(1, 2, 0).numpy(), extent=(-span, span, -span, span))
     right.set(xlabel="latent unit 1", ylabel="latent unit 2", title=f"Decoder over a {n} x {n} grid of the plane")
     return axes
@@ -1330,8 +1343,8 @@ def interpolations(model, x_pairs, steps=9):
     """Decoder images along straight lines between the posterior means of pairs of images."""
     rows = []
     for a, b in x_pairs:
-        za, zb = (model.mean(model.encoder(v[None])) for v in (a, b))
-        t = torch.linspace(0, 1, steps)[:, None]
+        za, zb = (model.mean(model.encoder(like(model, v[None]))) for v in (a, b))
+        t = like(model, torch.linspace(0, 1, steps)[:, None])
         rows.append(model.decode((1 - t) * za + t * zb))
     return torch.cat(rows)
 
@@ -1356,14 +1369,16 @@ def kept_models(models_dir=MODELS_DIR):
         s = kept["record"]["settings"]
         model = VAE(s["hidden"], s["latent"])
         model.load_state_dict(kept["state"])
-        out.append((kept["record"], model.eval()))
+        # float64: a figure drawn from these models is the same bytes on any CPU (float32 sums
+        # in another order move a few pixels by one grey level).
+        out.append((kept["record"], model.double().eval()))
     return sorted(out, key=lambda rm: rm[0]["n_params"])
 
 
 @torch.no_grad()
 def test_vfe(model, s, test_x):
     """A model's test VFE measured as training measured it (fixed noise of its seed, epoch 0)."""
-    r, k, _ = test_terms(model, test_x, noise(s["seed"], 0, s["latent"], "cpu"), s["recon"])
+    r, k, _ = test_terms(model, like(model, test_x), noise(s["seed"], 0, s["latent"], "cpu"), s["recon"])
     return float(r + k)
 
 
