@@ -1156,26 +1156,39 @@ def vfe_vs_params(table, title, ax=None):
 
 
 def by_size(table, running=False):
-    """Per training-set size and hidden size: the mean and seed-to-seed sd of each VFE column.
+    """Per training-set size and hidden size: the mean and seed-to-seed sd (missing for one seed) of
+    each VFE column over the finished runs; `diverged` counts the runs left out because they diverged.
     With `running`, older records' running mean stands in for the end-of-epoch training VFE."""
-    table = table.assign(running=running)
+    import pandas as pd
+    table = table.copy()
     if running:
         table["final_train_vfe"] = table.final_running_train_vfe
-    cols = ["best_test_vfe", "final_test_vfe", "final_train_vfe", "best_epoch_train_vfe", "best_epoch", "running"]
-    g = table.groupby(["train_size", "hidden_dim", "n_params"])[cols]
-    out = g.mean().join(g.std().add_suffix("_sd").fillna(0.0)).join(g.size().rename("seeds")).reset_index()
+    gone = table.diverged_epoch.notna() if "diverged_epoch" in table else pd.Series(False, index=table.index)
+    keys = ["train_size", "hidden_dim", "n_params"]
+    cols = ["best_test_vfe", "final_test_vfe", "final_train_vfe", "best_epoch_train_vfe", "best_epoch"]
+    g = table[~gone].groupby(keys)[cols]
+    out = g.mean().join(g.std().add_suffix("_sd")).join(g.size().rename("seeds"))
+    out = out.join(table[gone].groupby(keys).size().rename("diverged"), how="outer").reset_index()
+    out[["seeds", "diverged"]] = out[["seeds", "diverged"]].fillna(0).astype(int)
+    out["running"] = running
     out["of_line"] = out.n_params / (out.train_size * X_DIM)
     out["gap"] = out.final_test_vfe - out.final_train_vfe  # both measured after the last epoch, alike
     return out
 
 
-def capacity_curves(summary, axes):
+def capacity_curves(summary, axes, diverged=None):
     """Left: best and final test VFE and the end-of-epoch training VFE against parameters, one colour
-    per training-set size, its line N x 784 in that colour. Right: the final test-minus-training gap
-    against parameters over the line."""
+    per training-set size, its line N x 784 in that colour; `diverged` (summary_table rows) drawn as
+    crosses at the best test VFE of the epochs before. Right: the final test-minus-training gap
+    against parameters over the line. Curves join finished runs only."""
     import matplotlib.pyplot as plt
     left, right = axes
-    for (n, rows), colour in zip(summary.groupby("train_size"), plt.cm.tab10.colors):
+    colours = dict(zip(sorted(summary.train_size.unique()), plt.cm.tab10.colors))
+    for n, rows in (diverged.groupby("train_size") if diverged is not None else []):
+        left.plot(rows.n_params, rows.best_test_vfe, "X", ms=10, mec="k", color=colours.get(n, "k"), zorder=4,
+                  label=f"N = {n:,}: diverged (in epoch {', '.join(map(str, rows.diverged_epoch))})")
+    for n, rows in summary[summary.seeds > 0].groupby("train_size"):
+        colour = colours[n]
         kw, running = dict(color=colour, capsize=3), bool(rows.running.all())
         train = ("x:", "final training (running mean)") if running else ("^:", "final training")
         for col, style, what in [("best_test_vfe", "o-", "best test"), ("final_test_vfe", "s--", "final test"),
@@ -1398,6 +1411,72 @@ def bound_table(models, images=1000, ks=(1, 10, 100, 1000, 5000), seed=0, path=R
         for row in iwae_nll(model, x, ks, seed):
             rows.append(dict(hidden_dim=s["hidden"], latent_dim=s["latent"], active_units=rec["active_units"],
                              test_vfe=vfe, **row, gap=vfe - row["nll"]))
+    table = pd.DataFrame(rows)
+    atomic_save(table, path, lambda t, p: t.to_csv(p, index=False))
+    atomic_save(key, side, write_json)
+    return table
+
+
+def bias_variance(x, recons):
+    """Geman et al. (1992): K models' squared reconstruction errors of images x (n, 784), from their
+    reconstructions (K, n, 784), split image by image into bias^2 = |x - mean_k r_k|^2 and
+    variance = mean_k |r_k - mean_k r_k|^2; mse = bias2 + variance exactly (float64)."""
+    r, x = np.asarray(recons, np.float64), np.asarray(x, np.float64)
+    mean = r.mean(0)
+    return dict(mse=((r - x) ** 2).sum(-1).mean(0), bias2=((mean - x) ** 2).sum(-1),
+                variance=((r - mean) ** 2).sum(-1).mean(0))
+
+
+def bias_variance_runs(records):
+    """{hidden: (the disjoint training sets' records, set 0's seeds' records)} of q7_bias_variance."""
+    out = {}
+    for r in sorted(records, key=lambda r: (r["settings"].get("train_offset", 0), r["settings"]["seed"])):
+        s = r["settings"]
+        sets, seeds = out.setdefault(s["hidden"], ([], []))
+        if s["seed"] == s.get("train_offset", 0) // s["train_size"]:
+            sets.append(r)
+        if s.get("train_offset", 0) == 0:
+            seeds.append(r)
+    return out
+
+
+def at_epoch(rec, field, which):
+    """A record's list `field` at its final evaluation or at its best-validation epoch."""
+    i = -1 if which == "final" else rec["eval_epochs"].index(rec["best_val_epoch"])
+    return rec[field][i]
+
+
+def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bias_variance.csv"):
+    """Per width and epoch (final, best validation): bias^2, variance (and the seed's part of it)
+    and their sum over the disjoint training sets, with standard errors over test images, and the
+    test VFE and KL across sets. Computed from the stored reconstructions, kept in `path`."""
+    import pandas as pd
+    key = dict(cells=sorted(json.dumps(r["settings"], sort_keys=True) for r in records))
+    side = Path(path).with_suffix(".json")
+    if Path(path).exists() and side.exists() and json.loads(side.read_text()) == key:
+        return pd.read_csv(path)
+    rows = []
+    se = lambda a: float(a.std(ddof=1) / np.sqrt(len(a)))
+    for h, (sets, seeds) in sorted(bias_variance_runs(records).items()):
+        s0 = sets[0]["settings"]
+        x = load_data(s0["dataset"])[1][: s0["recon_images"]].numpy()
+        for which in ("final", "best_val"):
+            load = lambda rs: np.stack([np.load(recons_path(r["settings"], results_dir))[which] for r in rs]) / 255
+            d, ds = bias_variance(x, load(sets)), bias_variance(x, load(seeds))
+            vfe = np.array([r["final_test_vfe"] if which == "final" else r["test_vfe_at_best_val"] for r in sets])
+            rows.append(dict(
+                hidden_dim=h, n_params=sets[0]["n_params"], of_line=sets[0]["n_params"] / (s0["train_size"] * X_DIM),
+                epoch=which, sets=len(sets), seeds=len(seeds),
+                bias2=d["bias2"].mean(), bias2_se=se(d["bias2"]), variance=d["variance"].mean(),
+                variance_se=se(d["variance"]), total=d["mse"].mean(), total_se=se(d["mse"]),
+                identity_error=float(np.abs(d["mse"] - d["bias2"] - d["variance"]).max()),
+                variance_seed=ds["variance"].mean(), variance_seed_se=se(ds["variance"]),
+                mse_unquantised=float(np.mean([r[f"recon_mse_{which}"] for r in sets])),
+                test_vfe=vfe.mean(), test_vfe_sd=vfe.std(ddof=1),
+                test_kl=float(np.mean([at_epoch(r, "test_kl", which) for r in sets])),
+                val_epoch=float(np.mean([r["best_val_epoch"] for r in sets])),
+                best_on_test=float(np.mean([r["best_test_vfe"] for r in sets])),
+                diverged=sum("diverged_epoch" in r for r in sets + seeds)))
     table = pd.DataFrame(rows)
     atomic_save(table, path, lambda t, p: t.to_csv(p, index=False))
     atomic_save(key, side, write_json)

@@ -4,6 +4,7 @@ import math
 import os
 
 import matplotlib
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -395,6 +396,80 @@ def test_a_bad_setting_trains_and_stores_nothing(tmp_path):
     assert not (tmp_path / "cells").exists()
 
 
+def test_q7_bias_variance_trains_on_disjoint_sets_held_apart_from_the_validation_images():
+    cells = [dict(s, train_offset=s.get("train_offset", 0)) for s in v.experiment_cells("q7_bias_variance")]
+    sets = {(s["train_offset"], s["seed"]) for s in cells}
+    assert len(sets) == v.Q7_BV_SETS + 2  # one seed per set, two more seeds on set 0
+    spans = sorted({(s["train_offset"], s["train_offset"] + s["train_size"]) for s in cells})
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint
+    assert all(s["train_offset"] + s["train_size"] <= v.TRAIN_IMAGES - s["val_size"] for s in cells)
+    line = 1000 * v.X_DIM
+    sizes = sorted({v.n_params_formula(s["hidden"], s["latent"]) for s in cells})
+    assert sum(p < line for p in sizes) >= 3 and sum(p > line for p in sizes) >= 3
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (dict(train_offset=59_500, train_size=1000), "train_offset"),
+    (dict(train_offset=55_000, train_size=1000, val_size=5000), "val_size"),
+    (dict(val_size=10_000), "val_size"),  # the protocol's 60,000 training images leave none to hold out
+    (dict(train_offset=-1), "train_offset"), (dict(val_size=1.5), "val_size"),
+    (dict(train_size=1000, recon_images=100), "recon_images"), (dict(recon_images=20_000), "recon_images")])
+def test_a_training_set_that_overlaps_the_validation_images_or_runs_past_the_data_is_refused(overrides, name):
+    with pytest.raises(ValueError, match=name):
+        v.cell_settings(5, 5, **overrides)
+
+
+def test_an_overlapping_training_set_trains_and_stores_nothing(tmp_path):
+    with pytest.raises(ValueError, match="val_size"):
+        v.run_cells([v.cell_settings(5, 5, train_size=1000, train_offset=58_000, val_size=5000)], tmp_path,
+                    progress=False)
+    assert not (tmp_path / "cells").exists()
+
+
+def test_a_cell_trains_on_its_own_slice_and_measures_the_held_out_images():
+    s = tiny(train_offset=1000, val_size=500, eval_every=1)
+    rec, model = v.train_cell(s, progress=False)
+    train, test = v.load_data()
+    fixed = lambda: v.noise(0, 0, 2, torch.device("cpu"))  # each measurement draws the same noise
+    r, k, _ = v.test_terms(model.eval(), train[1000:1300], fixed(), "mse")
+    assert rec["train_vfe"] == [pytest.approx(float(r + k), rel=1e-6)]
+    r, k, _ = v.test_terms(model, train[-500:], fixed(), "mse")
+    assert rec["val_vfe"] == [pytest.approx(float(r + k), rel=1e-6)]
+    assert rec["best_val_epoch"] == 1 and rec["test_vfe_at_best_val"] == rec["test_vfe"][0]
+
+
+def test_the_epoch_chosen_on_validation_reports_the_test_vfe_of_that_epoch():
+    rec = dict(v.new_record(tiny(val_size=500), 10, "cpu"), eval_epochs=[1, 2, 3], test_vfe=[5.0, 4.0, 3.0],
+               val_vfe=[6.0, 4.5, 4.9], running_train_vfe=[1.0], epoch_seconds=[1.0])
+    rec = v.finish_record(rec, torch.zeros(3, 2))
+    assert (rec["best_epoch"], rec["best_val_epoch"], rec["test_vfe_at_best_val"]) == (3, 2, 4.0)
+
+
+def test_grid_training_keeps_the_reconstructions_of_the_final_and_best_validation_epochs(tmp_path):
+    s = tiny(hidden=20, epochs=3, val_size=500, recon_images=50)
+    rec, = v.run_cells([s], tmp_path, progress=False)
+    kept = np.load(v.recons_path(s, tmp_path))
+    _, model = v.train_cell(s, progress=False)
+    x = v.load_data()[1][:50]
+    with torch.no_grad():
+        final = torch.sigmoid(model.eval()(x, torch.zeros(50, 2))[0])
+    assert kept["final"].dtype == np.uint8 and kept["final"].shape == (50, 784)
+    assert np.abs(kept["final"] / 255 - final.numpy()).max() <= 0.5 / 255 + 1e-4
+    assert rec["recon_mse_final"] == pytest.approx(float((final - x).pow(2).sum(-1).mean()), rel=1e-4)
+    assert "best_val" in kept and "recons" not in rec
+
+
+def test_bias_squared_plus_variance_is_the_mean_squared_error_image_by_image():
+    g = np.random.default_rng(0)
+    x, r = g.random((30, 784)), g.random((5, 30, 784))
+    d = v.bias_variance(x, r)
+    np.testing.assert_allclose(d["bias2"] + d["variance"], d["mse"], rtol=1e-12)
+    np.testing.assert_allclose(d["mse"], ((r - x) ** 2).sum(-1).mean(0), rtol=1e-12)
+    assert (d["variance"] > 0).all()
+    same = v.bias_variance(x, np.stack([r[0]] * 4))  # identical models: no variance
+    np.testing.assert_allclose(same["variance"], 0, atol=1e-12)
+
+
 def test_q7_data_puts_three_models_each_side_of_every_line_and_reaches_ten_times_past_it():
     cells = v.experiment_cells("q7_data")
     for n in v.Q7_DATA:
@@ -506,6 +581,45 @@ def test_by_size_averages_seeds_and_measures_the_gap_between_like_measures():
     assert list(s.seeds) == [2, 1] and list(s.best_test_vfe) == [31.0, 28.0]
     assert s.best_test_vfe_sd[0] == pytest.approx(2 ** 0.5) and list(s.gap) == [6.0, 9.0]
     assert v.by_size(table, running=True).final_train_vfe[0] == 99.0
+
+
+def test_by_size_leaves_a_diverged_run_out_of_the_means_and_counts_it():
+    table = pd.DataFrame(dict(train_size=1000, hidden_dim=[5, 5, 9], n_params=[10, 10, 20], seed=[0, 1, 0],
+                              best_test_vfe=[30.0, 32.0, 28.0], final_test_vfe=[31.0, 99.0, 29.0],
+                              final_train_vfe=25.0, best_epoch_train_vfe=26.0, final_running_train_vfe=99.0,
+                              best_epoch=3, diverged_epoch=pd.array([None, 7, 7], dtype="Int64")))
+    s = v.by_size(table)
+    assert list(s.seeds) == [1, 0] and list(s.diverged) == [1, 1]
+    assert s.final_test_vfe[0] == 31.0 and math.isnan(s.final_test_vfe[1])
+
+
+def test_a_single_seeds_spread_is_missing_not_zero():
+    table = pd.DataFrame(dict(train_size=1000, hidden_dim=[5], n_params=[10], seed=[0], best_test_vfe=[30.0],
+                              final_test_vfe=31.0, final_train_vfe=25.0, best_epoch_train_vfe=26.0,
+                              final_running_train_vfe=99.0, best_epoch=3))
+    assert math.isnan(v.by_size(table).best_test_vfe_sd[0])
+
+
+def test_capacity_curves_mark_a_diverged_run_apart_from_the_curves():
+    import matplotlib.pyplot as plt
+    table = pd.DataFrame(dict(train_size=1000, hidden_dim=[5, 9, 20], n_params=[10, 20, 40], seed=0,
+                              best_test_vfe=[30.0, 28.0, 27.0], final_test_vfe=31.0, final_train_vfe=25.0,
+                              best_epoch_train_vfe=26.0, final_running_train_vfe=99.0, best_epoch=3,
+                              diverged_epoch=pd.array([None, None, 69], dtype="Int64")))
+    _, axes = plt.subplots(1, 2)
+    v.capacity_curves(v.by_size(table), axes, diverged=table[table.diverged_epoch.notna()])
+    curves = [l for l in axes[0].lines if len(l.get_xdata()) > 1]
+    assert curves and all(40 not in l.get_xdata() for l in curves)
+    crosses = [l for l in axes[0].lines if l.get_marker() == "X"]
+    assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [40] and "diverged" in crosses[0].get_label()
+    plt.close("all")
+
+
+def test_a_summary_table_with_a_diverged_record_says_so():
+    rec, _ = v.train_cell(tiny(epochs=2), progress=False)
+    gone = dict(json.loads(json.dumps(rec)), diverged_epoch=2)
+    table = v.summary_table([rec, gone])
+    assert list(table.diverged_epoch.isna()) == [True, False] and "diverged_epoch" in v.readable(table)
 
 
 def test_capacity_curves_draw_each_sizes_line_at_its_own_training_values():
