@@ -1065,7 +1065,7 @@ def summary_table(records):
                  final_test_vfe=round(r["final_test_vfe"], 3),
                  final_train_vfe=end_of_epoch(r, -1), best_epoch_train_vfe=end_of_epoch(r, r["best_epoch"]),
                  final_running_train_vfe=round(r["running_train_vfe"][-1], 3), active_units=r["active_units"],
-                 wall_seconds=round(r["wall_seconds"], 1)) for r in records]
+                 wall_seconds=round(r["wall_seconds"], 1), device=r["device"]) for r in records]
     table = pd.DataFrame(rows)
     if any("diverged_epoch" in r for r in records):  # only then, so other tables keep their columns
         table["diverged_epoch"] = pd.array([r.get("diverged_epoch") for r in records], dtype="Int64")
@@ -1168,7 +1168,10 @@ def by_size(table, running=False):
     cols = ["best_test_vfe", "final_test_vfe", "final_train_vfe", "best_epoch_train_vfe", "best_epoch"]
     g = table[~gone].groupby(keys)[cols]
     out = g.mean().join(g.std().add_suffix("_sd")).join(g.size().rename("seeds"))
-    out = out.join(table[gone].groupby(keys).size().rename("diverged"), how="outer").reset_index()
+    out = out.join(table[gone].groupby(keys).size().rename("diverged"), how="outer")
+    if "device" in table:
+        out = out.join(table.groupby(keys).device.agg(lambda d: ", ".join(sorted(set(d)))).rename("devices"))
+    out = out.reset_index()
     out[["seeds", "diverged"]] = out[["seeds", "diverged"]].fillna(0).astype(int)
     out["running"] = running
     out["of_line"] = out.n_params / (out.train_size * X_DIM)
@@ -1205,8 +1208,35 @@ def capacity_curves(summary, axes, diverged=None):
     right.set(xscale="log", xlabel="parameters / (N x 784) (ratio, log scale)",
               ylabel="final test minus training VFE (nats per image)",
               title="Generalisation gap after the last epoch\n(test minus end-of-epoch training VFE, unless marked)")
-    left.legend(fontsize=7, ncol=2)
-    right.legend(fontsize=8)
+    left.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.13))  # below: no data hidden
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    return axes
+
+
+def bias_variance_curves(table, axes, n=1_000):
+    """Three panels against parameters, final epoch solid and best-validation epoch dashed: bias^2 and
+    the mean squared error; the variance and its seed part; the test VFE across training sets (sd)."""
+    errs = dict(capsize=3, ms=5)
+    for which, ls in (("final", "-"), ("best_val", "--")):
+        t = table[table.epoch == which].sort_values("n_params")
+        when = "final epoch" if which == "final" else "best-validation epoch"
+        axes[0].errorbar(t.n_params, t.total, t.total_se, fmt="o" + ls, color="C0", label=f"bias² + variance, {when}", **errs)
+        axes[0].errorbar(t.n_params, t.bias2, t.bias2_se, fmt="s" + ls, color="C1", label=f"bias², {when}", **errs)
+        axes[1].errorbar(t.n_params, t.variance, t.variance_se, fmt="o" + ls, color="C2",
+                         label=f"variance over {t.sets.max()} training sets, {when}", **errs)
+        axes[1].errorbar(t.n_params, t.variance_seed, t.variance_seed_se, fmt="^" + ls, color="C4",
+                         label=f"variance over {t.seeds.max()} seeds on one set, {when}", **errs)
+        axes[2].errorbar(t.n_params, t.test_vfe, t.test_vfe_sd, fmt="o" + ls, color="C3",
+                         label=f"test VFE at the {when}", **errs)
+    t = table[table.epoch == "final"].sort_values("n_params")
+    axes[2].plot(t.n_params, t.best_on_test, "k:", marker="x", label="best test VFE (epoch chosen on the test set)")
+    titles = ["Squared reconstruction error of 1,000 test images", "Its variance part (own scale)",
+              "Test VFE, mean and sd over the training sets"]
+    ylabels = ["squared error (nats per image)", "variance (nats per image)", VFE_LABEL]
+    for ax, title, ylabel in zip(axes, titles, ylabels):
+        ax.axvline(n * X_DIM, color="k", ls="--", lw=1, label=f"N x 784 = {n * X_DIM:,}")
+        ax.set(xscale="log", xlabel="total trainable parameters (count, log scale)", ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
     return axes
 
 

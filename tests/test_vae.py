@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import signal
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -808,6 +810,18 @@ def wait_until(done, what, limit=600):
         time.sleep(0.05)
 
 
+def child_processes(pid):
+    """The processes whose parent is pid (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    return out
+
+
 def test_a_slurm_job_preempted_after_a_checkpoint_is_requeued_and_resumes_from_it(tmp_path, monkeypatch):
     submitit = pytest.importorskip("submitit")
     hold = tmp_path / "hold"  # the job waits after each checkpoint while this file exists
@@ -818,10 +832,13 @@ def test_a_slurm_job_preempted_after_a_checkpoint_is_requeued_and_resumes_from_i
     executor = submitit.LocalExecutor(folder=tmp_path / "logs", max_num_timeout=3)
     executor.update_parameters(timeout_min=60)
     job, = v.submit_slurm([cell], tmp_path, executor=executor)
-    wait_until(lambda: v.checkpoint_path([cell], tmp_path).with_suffix(".json").exists(), "the first checkpoint")
-    job._interrupt()  # the signal Slurm sends before a time limit or a preemption
-    wait_until(lambda: "Requeued job" in (job.stderr() or ""), "the requeue")
-    hold.unlink()
+    try:
+        wait_until(lambda: v.checkpoint_path([cell], tmp_path).with_suffix(".json").exists(), "the first checkpoint")
+        task, = child_processes(job._process.pid)  # the job itself, under submitit's local controller
+        os.kill(task, signal.SIGUSR2)  # what Slurm sends a job before its time limit or a preemption
+        wait_until(lambda: task not in child_processes(job._process.pid), "the job to stop")
+    finally:
+        hold.unlink()  # the requeued job goes on (and no job is left waiting if this test failed)
     job.result()
     assert "resuming" in job.stderr()
     plain, = v.run_cells([cell], tmp_path / "plain", progress=False)
