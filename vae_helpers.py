@@ -1479,13 +1479,14 @@ def at_epoch(rec, field, which):
 def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bias_variance.csv"):
     """Per width and epoch (final, best validation): bias^2, variance (and the seed's part of it)
     and their sum over the disjoint training sets, with standard errors over test images, and the
-    test VFE and KL across sets. Computed from the stored reconstructions, kept in `path`."""
+    test VFE and KL across sets. Computed from the stored reconstructions, kept in `path`, with the
+    per-image values (for paired differences between widths) beside it: see bias_variance_images."""
     import pandas as pd
     key = dict(cells=sorted(json.dumps(r["settings"], sort_keys=True) for r in records))
-    side = Path(path).with_suffix(".json")
-    if Path(path).exists() and side.exists() and json.loads(side.read_text()) == key:
+    side, per_image = Path(path).with_suffix(".json"), Path(path).with_suffix(".npz")
+    if all(p.exists() for p in (Path(path), side, per_image)) and json.loads(side.read_text()) == key:
         return pd.read_csv(path)
-    rows = []
+    rows, images = [], {}
     se = lambda a: float(a.std(ddof=1) / np.sqrt(len(a)))
     for h, (sets, seeds) in sorted(bias_variance_runs(records).items()):
         s0 = sets[0]["settings"]
@@ -1493,6 +1494,7 @@ def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bi
         for which in ("final", "best_val"):
             load = lambda rs: np.stack([np.load(recons_path(r["settings"], results_dir))[which] for r in rs]) / 255
             d, ds = bias_variance(x, load(sets)), bias_variance(x, load(seeds))
+            images.update({f"h{h}_{which}_{k}": a for k, a in d.items()})
             vfe = np.array([r["final_test_vfe"] if which == "final" else r["test_vfe_at_best_val"] for r in sets])
             rows.append(dict(
                 hidden_dim=h, n_params=sets[0]["n_params"], of_line=sets[0]["n_params"] / (s0["train_size"] * X_DIM),
@@ -1508,9 +1510,21 @@ def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bi
                 best_on_test=float(np.mean([r["best_test_vfe"] for r in sets])),
                 diverged=sum("diverged_epoch" in r for r in sets + seeds)))
     table = pd.DataFrame(rows)
+    atomic_save(images, per_image, save_npz)
     atomic_save(table, path, lambda t, p: t.to_csv(p, index=False))
     atomic_save(key, side, write_json)
     return table
+
+
+def bias_variance_step(a, b, which="final", path=RESULTS_DIR / "bias_variance.npz"):
+    """Width b minus width a in mse, bias2 and variance: (mean, standard error) over the test images,
+    paired image by image (it leaves out the spread over training sets)."""
+    images = np.load(path)
+    out = {}
+    for k in ("mse", "bias2", "variance"):
+        d = images[f"h{b}_{which}_{k}"] - images[f"h{a}_{which}_{k}"]
+        out[k] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))))
+    return out
 
 
 # ---------------------------------------------------------------------------
