@@ -1116,13 +1116,18 @@ def best_model(records, results_dir=RESULTS_DIR):
 VFE_LABEL = "test VFE (nats per image)"
 
 
-def heatmap(table, title, value="best_test_vfe", label=VFE_LABEL, ax=None, fmt=".1f", cmap="viridis", center=None):
-    """Rows: hidden size; columns: latent size; every cell annotated with its value."""
+def heatmap(table, title, value="best_test_vfe", label=VFE_LABEL, ax=None, fmt=".2f", cmap="viridis", center=None,
+            vmax=None):
+    """Rows: hidden size; columns: latent size; every cell annotated with its value. With `vmax`, the
+    colours stop there (cells above it drawn in the top colour, marked ">"), so that the range the
+    text argues about gets the whole scale."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     grid_ = table.pivot(index="hidden_dim", columns="latent_dim", values=value)
     ax = ax or plt.subplots(figsize=(1.2 * grid_.shape[1] + 2.5, 0.8 * grid_.shape[0] + 1.5))[1]
-    sns.heatmap(grid_, annot=True, fmt=fmt, cmap=cmap, center=center, ax=ax, cbar_kws={"label": label})
+    text = grid_.map(lambda x: format(x, fmt) + (" >" if vmax is not None and x > vmax else ""))
+    label += f"; colours clipped at {vmax:g} (cells marked >)" if vmax is not None and (grid_ > vmax).any().any() else ""
+    sns.heatmap(grid_, annot=text, fmt="", cmap=cmap, center=center, vmax=vmax, ax=ax, cbar_kws={"label": label})
     ax.set_xlabel("latent dimension l (units)")
     ax.set_ylabel("hidden dimension h (units)")
     ax.set_title(title)
@@ -1371,7 +1376,7 @@ def latent_plane(model, x, labels, axes, n=15, span=3.0):
         left.scatter(means[at, 0], means[at, 1], s=2, color=colours[c], label=name)
     left.set(xlabel="latent unit 1 (posterior mean)", ylabel="latent unit 2 (posterior mean)",
              title="Test images' codes, coloured by class", xlim=(-span, span), ylim=(-span, span))
-    left.legend(markerscale=5, fontsize=7, loc="upper right")
+    left.legend(markerscale=5, fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # off the points
     u = torch.linspace(-span, span, n)
     z = torch.stack(torch.meshgrid(u, u.flip(0), indexing="xy"), -1).reshape(-1, 2)
     with torch.no_grad():

@@ -547,6 +547,17 @@ def test_heatmap_rows_are_hidden_and_columns_latent_sizes_as_labelled():
     assert ax.figure.axes[-1].get_ylabel() == v.VFE_LABEL
 
 
+def test_a_clipped_heatmap_marks_the_cells_beyond_its_colour_scale():
+    import matplotlib.pyplot as plt
+    table = pd.DataFrame([dict(hidden_dim=h, latent_dim=l, best_test_vfe=v_) for (h, l), v_ in
+                          {(5, 2): 33.0, (5, 7): 23.5, (50, 2): 23.4, (50, 7): 23.45}.items()])
+    ax = v.heatmap(table, "test", vmax=24)
+    assert [t.get_text() for t in ax.texts] == ["33.00 >", "23.50", "23.40", "23.45"]
+    assert "clipped at 24" in ax.figure.axes[-1].get_ylabel()
+    assert ax.collections[0].get_clim()[1] == 24
+    plt.close("all")
+
+
 def test_parameter_plot_marks_the_training_data_size():
     import pandas as pd
     table = pd.DataFrame(dict(n_params=[1e4, 1e8], best_test_vfe=[30.0, 20.0], latent_dim=[5, 5]))
