@@ -1387,13 +1387,15 @@ def latent_plane(model, x, labels, axes, n=15, span=3.0):
 
 
 @torch.no_grad()
-def interpolations(model, x_pairs, steps=9):
-    """Decoder images along straight lines between the posterior means of pairs of images."""
+def interpolations(model, x_pairs, steps=9, ends=False):
+    """Decoder images along straight lines between the posterior means of pairs of images; with
+    `ends`, each row starts and ends with the two images themselves."""
     rows = []
     for a, b in x_pairs:
         za, zb = (model.mean(model.encoder(like(model, v[None]))) for v in (a, b))
         t = like(model, torch.linspace(0, 1, steps)[:, None])
-        rows.append(model.decode((1 - t) * za + t * zb))
+        line = model.decode((1 - t) * za + t * zb)
+        rows.append(torch.cat([like(model, a[None]), line, like(model, b[None])]) if ends else line)
     return torch.cat(rows)
 
 
