@@ -1156,7 +1156,8 @@ def vfe_vs_params(table, title, ax=None):
     ax.set_xlabel("total trainable parameters (count, log scale)")
     ax.set_ylabel("best " + VFE_LABEL)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.margins(x=0.12)  # room for the names of the outermost models
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: no point hidden
     return ax
 
 
@@ -1258,10 +1259,14 @@ def learning_curves(records, title, ax=None):
             ax.plot(r["eval_epochs"], r["train_vfe"], ls="--", color=line.get_color())
         else:  # older records: the running mean of the epoch's mini-batch VFEs
             ax.plot(range(1, len(r["running_train_vfe"]) + 1), r["running_train_vfe"], ls=":", color=line.get_color())
+    from matplotlib.lines import Line2D
+    styles = [Line2D([], [], color="grey", ls=ls, label=what) for ls, what in
+              [("-", "test VFE"), ("--", "training VFE (end of epoch)"), (":", "training VFE (running mean)")]]
     ax.set_xlabel("epoch (passes over the training images)")
-    ax.set_ylabel("VFE (nats per image)\nsolid test; dashed training; dotted training, running mean")
+    ax.set_ylabel("VFE (nats per image)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + styles, fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1))  # beside the axes: the curves stay visible
     return ax
 
 
