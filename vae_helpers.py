@@ -1220,29 +1220,31 @@ def capacity_curves(summary, axes, diverged=None):
 
 
 def bias_variance_curves(table, axes, n=1_000):
-    """Three panels against parameters, final epoch solid and best-validation epoch dashed: bias^2 and
-    the mean squared error; the variance and its seed part; the test VFE across training sets (sd)."""
+    """Three panels against parameters, final epoch solid and best-validation epoch dashed, error bars
+    the jackknife standard errors over the training sets: bias^2 and their sum; the variance and the
+    seed's part of it; the test VFE across training sets (sd)."""
     errs = dict(capsize=3, ms=5)
     for which, ls in (("final", "-"), ("best_val", "--")):
         t = table[table.epoch == which].sort_values("n_params")
         when = "final epoch" if which == "final" else "best-validation epoch"
-        axes[0].errorbar(t.n_params, t.total, t.total_se, fmt="o" + ls, color="C0", label=f"bias² + variance, {when}", **errs)
-        axes[0].errorbar(t.n_params, t.bias2, t.bias2_se, fmt="s" + ls, color="C1", label=f"bias², {when}", **errs)
-        axes[1].errorbar(t.n_params, t.variance, t.variance_se, fmt="o" + ls, color="C2",
+        axes[0].errorbar(t.n_params, t.total, t.total_jse, fmt="o" + ls, color="C0", label=f"bias² + variance, {when}",
+                         **errs)
+        axes[0].errorbar(t.n_params, t.bias2, t.bias2_jse, fmt="s" + ls, color="C1", label=f"bias², {when}", **errs)
+        axes[1].errorbar(t.n_params, t.variance, t.variance_jse, fmt="o" + ls, color="C2",
                          label=f"variance over {t.sets.max()} training sets, {when}", **errs)
-        axes[1].errorbar(t.n_params, t.variance_seed, t.variance_seed_se, fmt="^" + ls, color="C4",
-                         label=f"variance over {t.seeds.max()} seeds on one set, {when}", **errs)
+        axes[1].plot(t.n_params, t.variance_seed, "^" + ls, color="C4",
+                     label=f"variance over {t.seeds.max()} seeds on one set, {when}")
         axes[2].errorbar(t.n_params, t.test_vfe, t.test_vfe_sd, fmt="o" + ls, color="C3",
                          label=f"test VFE at the {when}", **errs)
     t = table[table.epoch == "final"].sort_values("n_params")
     axes[2].plot(t.n_params, t.best_on_test, "k:", marker="x", label="best test VFE (epoch chosen on the test set)")
-    titles = ["Squared reconstruction error of 1,000 test images", "Its variance part (own scale)",
+    titles = ["Squared error of 1,000 test reconstructions", "Its variance part (own scale)",
               "Test VFE, mean and sd over the training sets"]
     ylabels = ["squared error (nats per image)", "variance (nats per image)", VFE_LABEL]
     for ax, title, ylabel in zip(axes, titles, ylabels):
         ax.axvline(n * X_DIM, color="k", ls="--", lw=1, label=f"N x 784 = {n * X_DIM:,}")
         ax.set(xscale="log", xlabel="total trainable parameters (count, log scale)", ylabel=ylabel, title=title)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     return axes
 
 
@@ -1488,40 +1490,58 @@ def at_epoch(rec, field, which):
     return rec[field][i]
 
 
+def unbiased(split, k):
+    """The split with the k-model mean's own noise moved out of bias^2: variance * k / (k - 1) and
+    bias^2 - variance / (k - 1) estimate an infinite ensemble's; their sum is unchanged."""
+    return dict(mse=split["mse"], bias2=split["bias2"] - split["variance"] / (k - 1),
+                variance=split["variance"] * k / (k - 1))
+
+
+def jackknife_se(estimates):
+    """The jackknife standard error from the leave-one-out estimates of a statistic."""
+    e = np.asarray(estimates, np.float64)
+    return float(np.sqrt((len(e) - 1) / len(e) * ((e - e.mean()) ** 2).sum()))
+
+
 def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bias_variance.csv"):
-    """Per width and epoch (final, best validation): bias^2, variance (and the seed's part of it)
-    and their sum over the disjoint training sets, with standard errors over test images, and the
-    test VFE and KL across sets. Computed from the stored reconstructions, kept in `path`, with the
-    per-image values (for paired differences between widths) beside it: see bias_variance_images."""
+    """Per width and epoch (final, best validation): bias^2 and variance over the disjoint training
+    sets (unbiased for an infinite ensemble; `_raw`: the exact split of the K models), the seed's
+    part (set 0's seeds), jackknife standard errors over the training sets (`_jse`), and the test
+    VFE, reconstruction and KL across sets. Computed from the stored reconstructions and kept in
+    `path`, with per-image values beside it for paired differences (bias_variance_step)."""
     import pandas as pd
     key = dict(cells=sorted(json.dumps(r["settings"], sort_keys=True) for r in records))
     side, per_image = Path(path).with_suffix(".json"), Path(path).with_suffix(".npz")
     if all(p.exists() for p in (Path(path), side, per_image)) and json.loads(side.read_text()) == key:
         return pd.read_csv(path)
     rows, images = [], {}
-    se = lambda a: float(a.std(ddof=1) / np.sqrt(len(a)))
     for h, (sets, seeds) in sorted(bias_variance_runs(records).items()):
-        s0 = sets[0]["settings"]
+        s0, K, S = sets[0]["settings"], len(sets), len(seeds)
         x = load_data(s0["dataset"])[1][: s0["recon_images"]].numpy()
         for which in ("final", "best_val"):
             load = lambda rs: np.stack([np.load(recons_path(r["settings"], results_dir))[which] for r in rs]) / 255
-            d, ds = bias_variance(x, load(sets)), bias_variance(x, load(seeds))
-            images.update({f"h{h}_{which}_{k}": a for k, a in d.items()})
+            r_sets = load(sets)
+            raw = bias_variance(x, r_sets)
+            d, seed = unbiased(raw, K), unbiased(bias_variance(x, load(seeds)), S)
+            drops = [unbiased(bias_variance(x, np.delete(r_sets, i, 0)), K - 1) for i in range(K)]
+            for k in d:
+                images[f"h{h}_{which}_{k}"] = d[k]
+                images[f"h{h}_{which}_{k}_drop"] = np.stack([dr[k] for dr in drops])
+            at = lambda field: float(np.mean([at_epoch(r, field, which) for r in sets]))
             vfe = np.array([r["final_test_vfe"] if which == "final" else r["test_vfe_at_best_val"] for r in sets])
             rows.append(dict(
                 hidden_dim=h, n_params=sets[0]["n_params"], of_line=sets[0]["n_params"] / (s0["train_size"] * X_DIM),
-                epoch=which, sets=len(sets), seeds=len(seeds),
-                bias2=d["bias2"].mean(), bias2_se=se(d["bias2"]), variance=d["variance"].mean(),
-                variance_se=se(d["variance"]), total=d["mse"].mean(), total_se=se(d["mse"]),
-                identity_error=float(np.abs(d["mse"] - d["bias2"] - d["variance"]).max()),
-                variance_seed=ds["variance"].mean(), variance_seed_se=se(ds["variance"]),
+                epoch=which, sets=K, seeds=S,
+                **{k: d[k].mean() for k in ("bias2", "variance")}, total=d["mse"].mean(),
+                **{f"{k}_jse": jackknife_se([dr[k].mean() for dr in drops]) for k in ("bias2", "variance", "mse")},
+                variance_seed=seed["variance"].mean(), bias2_raw=raw["bias2"].mean(), variance_raw=raw["variance"].mean(),
+                identity_error=float(np.abs(raw["mse"] - raw["bias2"] - raw["variance"]).max()),
                 mse_unquantised=float(np.mean([r[f"recon_mse_{which}"] for r in sets])),
-                test_vfe=vfe.mean(), test_vfe_sd=vfe.std(ddof=1),
-                test_kl=float(np.mean([at_epoch(r, "test_kl", which) for r in sets])),
+                test_vfe=vfe.mean(), test_vfe_sd=vfe.std(ddof=1), test_recon=at("test_recon"), test_kl=at("test_kl"),
                 val_epoch=float(np.mean([r["best_val_epoch"] for r in sets])),
                 best_on_test=float(np.mean([r["best_test_vfe"] for r in sets])),
                 diverged=sum("diverged_epoch" in r for r in sets + seeds)))
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).rename(columns={"mse_jse": "total_jse"})
     atomic_save(images, per_image, save_npz)
     atomic_save(table, path, lambda t, p: t.to_csv(p, index=False))
     atomic_save(key, side, write_json)
@@ -1529,13 +1549,14 @@ def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bi
 
 
 def bias_variance_step(a, b, which="final", path=RESULTS_DIR / "bias_variance.npz"):
-    """Width b minus width a in mse, bias2 and variance: (mean, standard error) over the test images,
-    paired image by image (it leaves out the spread over training sets)."""
+    """Width b minus width a in mse, bias2 and variance (unbiased): (mean, jackknife standard error over
+    the training sets, standard error over the test images, paired image by image)."""
     images = np.load(path)
     out = {}
     for k in ("mse", "bias2", "variance"):
         d = images[f"h{b}_{which}_{k}"] - images[f"h{a}_{which}_{k}"]
-        out[k] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))))
+        drops = (images[f"h{b}_{which}_{k}_drop"] - images[f"h{a}_{which}_{k}_drop"]).mean(1)
+        out[k] = (float(d.mean()), jackknife_se(drops), float(d.std(ddof=1) / np.sqrt(len(d))))
     return out
 
 
