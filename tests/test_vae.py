@@ -472,6 +472,38 @@ def test_bias_squared_plus_variance_is_the_mean_squared_error_image_by_image():
     np.testing.assert_allclose(same["variance"], 0, atol=1e-12)
 
 
+def test_the_unbiased_split_moves_the_mean_models_noise_from_bias_to_variance_and_keeps_the_sum():
+    g = np.random.default_rng(1)
+    x, r = g.random((20, 784)), g.random((4, 20, 784))
+    raw, u = v.bias_variance(x, r), v.unbiased(v.bias_variance(x, r), 4)
+    np.testing.assert_allclose(u["bias2"] + u["variance"], raw["mse"], rtol=1e-12)
+    np.testing.assert_allclose(u["variance"], raw["variance"] * 4 / 3, rtol=1e-12)
+
+
+def test_the_jackknife_error_of_a_mean_is_its_standard_error():
+    a = np.array([1.0, 4.0, 2.0, 8.0, 5.0])
+    drops = [np.delete(a, i).mean() for i in range(len(a))]
+    assert v.jackknife_se(drops) == pytest.approx(a.std(ddof=1) / np.sqrt(len(a)))
+
+
+def test_bias_variance_table_splits_the_stored_reconstructions_and_keeps_what_it_needs(tmp_path):
+    runs = [dict(train_offset=300 * k, seed=k) for k in range(3)] + [dict(seed=s) for s in (1, 2)]
+    cells = [tiny(hidden=h, latent=2, val_size=500, recon_images=20, **run) for h in (5, 9) for run in runs]
+    records = v.run_cells(cells, tmp_path, progress=False)
+    path = tmp_path / "bv.csv"
+    table = v.bias_variance_table(records, tmp_path, path)
+    assert len(table) == 4 and set(table.sets) == {3} and set(table.seeds) == {3}
+    assert table.identity_error.max() < 1e-9
+    np.testing.assert_allclose(table.bias2 + table.variance, table.total, rtol=1e-12)
+    np.testing.assert_allclose(table.bias2_raw + table.variance_raw, table.total, rtol=1e-12)
+    step = v.bias_variance_step(5, 9, "final", path.with_suffix(".npz"))
+    final = table[table.epoch == "final"].set_index("hidden_dim")
+    assert step["variance"][0] == pytest.approx(final.variance[9] - final.variance[5])
+    for f in (tmp_path / "recons").glob("*.npz"):  # the table, once made, needs no reconstruction
+        f.unlink()
+    pd.testing.assert_frame_equal(v.bias_variance_table(records, tmp_path, path), table)
+
+
 def test_q7_data_puts_three_models_each_side_of_every_line_and_reaches_ten_times_past_it():
     cells = v.experiment_cells("q7_data")
     for n in v.Q7_DATA:
