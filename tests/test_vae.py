@@ -980,7 +980,7 @@ def test_every_figure_is_an_image_png_output_with_alternative_text():
     assert len(figures) >= 15
     for o in figures:
         alt = o["metadata"]["image/png"]["alt"]
-        assert len(alt) > 20 and o["data"]["text/plain"] == f"<figure: {alt}>"
+        assert len(alt) > 20 and "".join(o["data"]["text/plain"]) == f"<figure: {alt}>"
 
 
 def test_no_output_of_the_notebook_holds_an_html_image():
