@@ -1510,12 +1510,20 @@ def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bi
     VFE, reconstruction and KL across sets. Computed from the stored reconstructions and kept in
     `path`, with per-image values beside it for paired differences (bias_variance_step)."""
     import pandas as pd
-    key = dict(cells=sorted(json.dumps(r["settings"], sort_keys=True) for r in records))
+    runs = bias_variance_runs(records)
+    key = {str(h): sorted(json.dumps(r["settings"], sort_keys=True) for r in a + b) for h, (a, b) in runs.items()}
     side, per_image = Path(path).with_suffix(".json"), Path(path).with_suffix(".npz")
-    if all(p.exists() for p in (Path(path), side, per_image)) and json.loads(side.read_text()) == key:
-        return pd.read_csv(path)
+    old, old_rows, old_images = {}, None, {}
+    if all(p.exists() for p in (Path(path), side, per_image)):  # a width whose cells are unchanged is kept
+        old, old_rows, old_images = json.loads(side.read_text()).get("widths", {}), pd.read_csv(path), np.load(per_image)
+    if old == key:
+        return old_rows
     rows, images = [], {}
-    for h, (sets, seeds) in sorted(bias_variance_runs(records).items()):
+    for h, (sets, seeds) in sorted(runs.items()):
+        if old.get(str(h)) == key[str(h)]:  # its reconstructions need not be here any more
+            rows += old_rows[old_rows.hidden_dim == h].to_dict("records")
+            images.update({k: old_images[k] for k in old_images.files if k.startswith(f"h{h}_")})
+            continue
         s0, K, S = sets[0]["settings"], len(sets), len(seeds)
         x = load_data(s0["dataset"])[1][: s0["recon_images"]].numpy()
         for which in ("final", "best_val"):
@@ -1533,7 +1541,8 @@ def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bi
                 hidden_dim=h, n_params=sets[0]["n_params"], of_line=sets[0]["n_params"] / (s0["train_size"] * X_DIM),
                 epoch=which, sets=K, seeds=S,
                 **{k: d[k].mean() for k in ("bias2", "variance")}, total=d["mse"].mean(),
-                **{f"{k}_jse": jackknife_se([dr[k].mean() for dr in drops]) for k in ("bias2", "variance", "mse")},
+                **{f"{k.replace('mse', 'total')}_jse": jackknife_se([dr[k].mean() for dr in drops])
+                   for k in ("bias2", "variance", "mse")},
                 variance_seed=seed["variance"].mean(), bias2_raw=raw["bias2"].mean(), variance_raw=raw["variance"].mean(),
                 identity_error=float(np.abs(raw["mse"] - raw["bias2"] - raw["variance"]).max()),
                 mse_unquantised=float(np.mean([r[f"recon_mse_{which}"] for r in sets])),
@@ -1541,10 +1550,10 @@ def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bi
                 val_epoch=float(np.mean([r["best_val_epoch"] for r in sets])),
                 best_on_test=float(np.mean([r["best_test_vfe"] for r in sets])),
                 diverged=sum("diverged_epoch" in r for r in sets + seeds)))
-    table = pd.DataFrame(rows).rename(columns={"mse_jse": "total_jse"})
+    table = pd.DataFrame(rows)
     atomic_save(images, per_image, save_npz)
     atomic_save(table, path, lambda t, p: t.to_csv(p, index=False))
-    atomic_save(key, side, write_json)
+    atomic_save(dict(widths=key), side, write_json)
     return table
 
 

@@ -502,6 +502,10 @@ def test_bias_variance_table_splits_the_stored_reconstructions_and_keeps_what_it
     for f in (tmp_path / "recons").glob("*.npz"):  # the table, once made, needs no reconstruction
         f.unlink()
     pd.testing.assert_frame_equal(v.bias_variance_table(records, tmp_path, path), table)
+    wider = v.run_cells([dict(s, hidden=13) for s in cells if s["hidden"] == 9], tmp_path, progress=False)
+    grown = v.bias_variance_table(records + wider, tmp_path, path)  # a new width, the old ones kept
+    assert sorted(set(grown.hidden_dim)) == [5, 9, 13]
+    pd.testing.assert_frame_equal(grown[grown.hidden_dim < 13].reset_index(drop=True), table)
 
 
 def test_q7_data_puts_three_models_each_side_of_every_line_and_reaches_ten_times_past_it():
