@@ -1536,7 +1536,7 @@ def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bi
                 images[f"h{h}_{which}_{k}"] = d[k]
                 images[f"h{h}_{which}_{k}_drop"] = np.stack([dr[k] for dr in drops])
             at = lambda field: float(np.mean([at_epoch(r, field, which) for r in sets]))
-            vfe = np.array([r["final_test_vfe"] if which == "final" else r["test_vfe_at_best_val"] for r in sets])
+            vfe = np.array([at_epoch(r, "test_vfe", which) for r in sets])
             rows.append(dict(
                 hidden_dim=h, n_params=sets[0]["n_params"], of_line=sets[0]["n_params"] / (s0["train_size"] * X_DIM),
                 epoch=which, sets=K, seeds=S,
