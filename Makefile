@@ -18,16 +18,23 @@ check-run: run
 	  echo "make run changed the checkout:"; echo "$$changed"; git diff --stat; exit 1; fi
 	@echo "make run left the checkout unchanged"
 
-# Open the notebook in JupyterLab (in your browser; Ctrl-C here to stop it).
+# Open the notebook in JupyterLab (in your browser; Ctrl-C here to stop it). As root (Docker, a
+# cloud GPU machine) JupyterLab needs --allow-root; LAB_ARGS passes more, e.g. a port.
+LAB_ARGS ?=
 lab: setup
-	.venv/bin/jupyter lab $(NB)
+	.venv/bin/jupyter lab $(NB) $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
+# The code's form first (ruff.toml), then the tests and the notebook's cells.
 test: setup
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
 	$(PY) -m pytest tests --nbval $(NB) --nbval-current-env -q
 
 setup: .venv/.installed data
 
 .venv/.installed: requirements.txt
+	@python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	  { echo "Python 3.10 or newer is needed; python3 is $$(python3 --version)"; exit 1; }
 	python3 -m venv .venv
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@

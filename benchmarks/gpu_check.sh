@@ -14,7 +14,7 @@ import torch
 
 import vae_helpers as v
 
-device = v.pick_device()
+device = v.training_device()
 assert device.type == "cuda" or os.environ.get("GPU_CHECK_ON_CPU"), "no CUDA GPU here"
 quick = int(os.environ.get("GPU_CHECK_BATCHES", "0")) or None  # a few batches only: a dry run
 print("device:", torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "| torch", torch.__version__)

@@ -1,0 +1,197 @@
+"""The command line (vae_helpers/__main__.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import tiny, wait_until
+
+import vae_helpers as v
+import vae_helpers.__main__ as cli
+
+
+def test_command_line_runs_an_experiment_and_prints_its_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2)])
+    cli.main(["q4", "--results", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert "best_test_vfe" in out and (tmp_path / "q4.csv").exists()
+
+
+def test_command_line_epochs_override_trains_that_long_into_its_own_table(tmp_path, monkeypatch):
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2)])
+    cli.main(["q4", "--results", str(tmp_path), "--no-progress", "--epochs", "2"])
+    assert not (tmp_path / "q4.csv").exists()
+    assert list(pd.read_csv(tmp_path / "q4_e2.csv")["epochs"]) == [2]
+
+
+def test_command_line_refuses_an_unknown_experiment(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["q9"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_command_line_size_limits_train_only_the_cells_of_that_size(tmp_path, monkeypatch):
+    small, large = tiny(hidden=5), tiny(hidden=30)
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [small, large])
+    cli.main(
+        [
+            "q4",
+            "--results",
+            str(tmp_path),
+            "--no-progress",
+            "--max-params",
+            str(v.n_params_formula(5, 2)),
+        ]
+    )
+    assert v.cell_path(small, tmp_path).exists() and not v.cell_path(large, tmp_path).exists()
+    assert list(pd.read_csv(tmp_path / "q4.csv")["hidden_dim"]) == [5]
+    cli.main(
+        [
+            "q4",
+            "--results",
+            str(tmp_path),
+            "--no-progress",
+            "--min-params",
+            str(v.n_params_formula(30, 2)),
+        ]
+    )
+    assert list(pd.read_csv(tmp_path / "q4.csv")["hidden_dim"]) == [5, 30]
+
+
+def test_a_summary_table_with_a_diverged_record_says_so():
+    rec, _ = v.train_cell(tiny(epochs=2), progress=False)
+    gone = dict(json.loads(json.dumps(rec)), diverged_epoch=2)
+    table = v.summary_table([rec, gone])
+    assert list(table.diverged_epoch.isna()) == [True, False] and "diverged_epoch" in cli.readable(
+        table
+    )
+
+
+def test_the_printed_table_leaves_out_settings_that_never_change():
+    table = v.summary_table(v.stored_records("q4")[0])
+    shown = cli.readable(table)
+    assert {"hidden_dim", "latent_dim", "best_test_vfe", "final_test_vfe"} <= set(shown)
+    assert not {"recon", "epochs", "seed", "train_size", "wall_seconds"} & set(shown)
+
+
+def test_command_line_names_a_bad_results_folder_without_a_traceback(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["q4", "--results", "", "--no-progress"])
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m vae_helpers: error: --results is empty; name a folder (default: results/) "
+        "(see --help)"
+    ]
+
+
+def test_the_command_lines_experiments_are_the_experiments():
+    assert cli.NAMES == tuple(sorted(v.EXPERIMENTS))
+
+
+def test_help_answers_before_pytorch_is_loaded():
+    code = (
+        "import sys, vae_helpers.__main__ as cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch loaded:', 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "--max-params" in out and out.splitlines()[-1] == "torch loaded: False"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--max-params", "0"], "--max-params: must be at least 1, got 0"),
+        (["--min-params", "99999999999"], "no cell of q4 has at least 99,999,999,999 parameters"),
+        (["--min-params", "10", "--max-params", "5"], "--min-params 10 is above --max-params 5"),
+        (["--hours", "0", "--slurm-local"], "--hours: must be a positive number of hours"),
+        (["--hours", "2"], "--hours only apply with --slurm"),
+        (["--gpus", "1"], "--gpus only apply with --slurm"),
+        (["--partition", "gpu"], "--partition only apply with --slurm"),
+        (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+        (["--epochs", "two"], "--epochs: 'two' is not a whole number"),
+        (["--jobs", "0"], "--jobs: must be at least 1, got 0"),
+        (["--gpus", "-1", "--slurm-local"], "--gpus: must be at least 0, got -1"),
+    ],
+)
+def test_an_option_that_makes_no_sense_is_refused_in_one_line_before_anything_is_written(
+    tmp_path, capsys, args, says
+):
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["q4", "--results", str(results), *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and says in err
+    assert not results.exists()
+
+
+def test_slurm_without_sbatch_is_refused_and_offers_the_local_ways(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(SystemExit):
+        cli.main(["q4", "--slurm", "--results", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert "needs Slurm's sbatch" in err and "--jobs" in err and "--slurm-local" in err
+    assert not (tmp_path / "results").exists()
+
+
+def run_cli(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "vae_helpers", *args],
+        capture_output=True,
+        text=True,
+        cwd=v.ROOT,
+        **kw,
+    )
+
+
+def test_the_command_lines_cluster_path_stores_its_cells_as_jobs_run_by_submitit(tmp_path):
+    args = ["q4", "--epochs", "1", "--max-params", "9000", "--results", str(tmp_path)]
+    cells = v.experiment_cells("q4", 1, 9000)
+    assert 1 <= len(cells) <= 4
+    out = run_cli(*args, "--slurm-local")
+    assert out.returncode == 0, out.stderr
+    assert "as local processes (pids)" in out.stdout and "Slurm jobs" not in out.stdout
+    wait_until(lambda: all(v.cell_path(s, tmp_path).exists() for s in cells), "the jobs' cells")
+    table = run_cli(*args, "--jobs", "1")
+    assert table.returncode == 0 and f"q4_e1 ({len(cells)} cells)" in table.stdout
+    assert "resuming" not in table.stderr  # nothing left to train
+
+
+def test_ctrl_c_stops_every_process_in_one_line_and_the_same_command_resumes(tmp_path):
+    hold = tmp_path / "hold"  # each group waits after a checkpoint while this file exists
+    hold.touch()
+    env = dict(os.environ, VAE_CHECKPOINT_SECONDS="0", VAE_HOLD_FILE=str(hold))
+    results = tmp_path / "results"
+    args = ["q4", "--epochs", "2", "--max-params", "90000", "--results", str(results), "--jobs"]
+    cmd = [sys.executable, "-m", "vae_helpers", *args, "2", "--no-progress"]
+    run = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=v.ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: len(list((results / "checkpoints").glob("*.json"))) == 2, "both groups")
+        os.killpg(run.pid, signal.SIGINT)  # as the terminal does: to every process of the job
+        out, err = run.communicate(timeout=600)
+    finally:
+        hold.unlink()
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert run.returncode == 1 and "Traceback" not in err, err
+    assert len(lines) == 1 and "the same command resumes" in lines[0], err
+    again = run_cli(*args, "1", "--no-progress")
+    assert again.returncode == 0 and "resuming h=5 l=5,10,100,300 after epoch 1" in again.stderr
+    assert not list((results / "checkpoints").glob("*"))  # checkpoints and locks are gone
+
+
+def test_a_finished_run_leaves_no_lock_files(tmp_path):
+    v.run_cells([tiny(latent=2), tiny(hidden=7)], tmp_path, progress=False)
+    assert not list((tmp_path / "checkpoints").glob("*.lock"))

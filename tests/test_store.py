@@ -1,0 +1,418 @@
+"""A results store that survives faults and many workers (store.py, runner.py, stacked.py)."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny, wait_until
+
+import vae_helpers as v
+
+
+def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path):
+    import threading
+
+    path, errors = tmp_path / "cells" / "one.json", []
+
+    def write(k):
+        for i in range(40):
+            try:
+                v.atomic_save({"writer": k, "i": i, "pad": "x" * 50_000}, path, v.write_json)
+            except Exception as err:  # the fixed temporary name made 24 of 80 of these fail
+                errors.append(err)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(2)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert errors == [] and json.loads(path.read_text())["i"] == 39
+    assert list(path.parent.glob("*.tmp")) == []
+
+
+def train_and_log(cells, results_dir, log):
+    """A second process's run (spawned: a forked PyTorch can hang), noting each group it trains."""
+    real = v.train_group
+
+    def logged(group, *a, **k):
+        with open(log, "a") as f:
+            f.write(f"{group[0]['hidden']}\n")
+        return real(group, *a, **k)
+
+    v.runner.train_group = logged
+    v.run_cells(cells, results_dir, progress=False)
+
+
+def test_two_processes_on_one_folder_train_each_group_once(tmp_path):
+    import multiprocessing
+
+    cells, log = (
+        [tiny(hidden=h, epochs=3, train_size=3000) for h in (5, 6, 7, 8)],
+        tmp_path / "trained.txt",
+    )
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=train_and_log, args=(cells, tmp_path, log)) for _ in range(2)]
+    [p.start() for p in procs], [p.join() for p in procs]
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(log.read_text().split()) == ["5", "6", "7", "8"]
+    assert all(v.cell_path(s, tmp_path).exists() for s in cells)
+
+
+def test_jobs_share_the_groups_among_worker_processes_and_store_every_cell(tmp_path):
+    cells = [tiny(hidden=h) for h in (5, 6, 7)]
+    records = v.run_cells(cells, tmp_path, progress=False, jobs=2)
+    alone = v.run_cells(cells, tmp_path / "plain", progress=False)
+    for a, b in zip(records, alone):
+        assert a["test_vfe"] == pytest.approx(b["test_vfe"], rel=1e-4)
+
+
+def test_a_cell_diverging_in_its_first_epoch_is_reported_and_its_group_mates_are_stored(
+    tmp_path, monkeypatch
+):
+    real = v.train_epoch
+
+    def second_cell_nan(grid, opt, train_x, cells, epoch, batches=None, bar=None):
+        totals, peaks, first_bad = real(grid, opt, train_x, cells, epoch, batches)
+        return totals * torch.tensor([1.0, float("nan")]), peaks, first_bad
+
+    monkeypatch.setattr(v.stacked, "train_epoch", second_cell_nan)
+    good, bad = tiny(latent=2), tiny(latent=3)
+    with (
+        pytest.raises(FloatingPointError, match="l=3"),
+        pytest.warns(UserWarning, match="diverged"),
+    ):
+        v.run_cells([good, bad], tmp_path, progress=False)
+    assert v.cell_path(good, tmp_path).exists() and not v.cell_path(bad, tmp_path).exists()
+    assert not v.checkpoint_path([good, bad], tmp_path).exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "another group's"])
+def test_a_corrupt_checkpoint_is_set_aside_with_a_warning_and_the_group_retrained(
+    tmp_path, monkeypatch, damage
+):
+    monkeypatch.setattr(v.stacked, "CHECKPOINT_SECONDS", 0)
+    cell = tiny(epochs=2)
+    clean = v.run_cells([cell], tmp_path / "clean", progress=False)[0]
+    path = v.checkpoint_path([cell], tmp_path)
+    path.parent.mkdir(parents=True)
+    if damage == "empty":
+        path.write_bytes(b"")
+    else:
+        v.train_group([tiny(hidden=9, epochs=2)], progress=False, checkpoint=tmp_path / "other.pt")
+        data = (tmp_path / "other.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else data)
+    with pytest.warns(UserWarning, match="set aside"):
+        (rec,) = v.run_cells([cell], tmp_path, progress=False)
+    assert rec["test_vfe"] == clean["test_vfe"]
+    assert len(list(path.parent.glob(path.name + ".corrupt-*"))) == 1
+
+
+def test_a_finished_checkpoint_is_still_used_after_a_kill_between_two_stores(tmp_path, monkeypatch):
+    monkeypatch.setattr(v.stacked, "CHECKPOINT_SECONDS", 0)
+    group = [tiny(latent=2), tiny(latent=3)]
+    records, _ = v.train_group(group, progress=False, checkpoint=v.checkpoint_path(group, tmp_path))
+    v.atomic_save(records[0], v.cell_path(group[0], tmp_path), v.write_json)  # killed after this
+    monkeypatch.setattr(
+        v.stacked, "train_epoch", lambda *a, **k: pytest.fail("a finished group was retrained")
+    )
+    second = v.run_cells([group[1]], tmp_path, progress=False)[0]
+    assert second["test_vfe"] == records[1]["test_vfe"]
+    assert list((tmp_path / "checkpoints").glob("*.pt")) == []
+
+
+def test_a_checkpoint_that_no_group_needs_any_more_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(v.stacked, "CHECKPOINT_SECONDS", 0)
+    group = [tiny(latent=2), tiny(latent=3)]
+    v.run_cells(group, tmp_path, progress=False)
+    v.train_group(
+        group, progress=False, checkpoint=v.checkpoint_path(group, tmp_path)
+    )  # left behind
+    v.run_cells([tiny(hidden=6)], tmp_path, progress=False)
+    assert list((tmp_path / "checkpoints").glob("*.pt")) == []
+
+
+@pytest.mark.parametrize(
+    "folder, error",
+    [("file", NotADirectoryError), ("", ValueError), ("/proc/vae-results", PermissionError)],
+)
+def test_a_results_folder_that_cannot_take_files_is_refused_before_any_training(
+    tmp_path, monkeypatch, folder, error
+):
+    monkeypatch.setattr(
+        v.runner, "train_group", lambda *a, **k: pytest.fail("trained before checking the folder")
+    )
+    if folder == "file":
+        folder = tmp_path / "file"
+        folder.write_text("")
+    with pytest.raises(error, match="folder"):
+        v.run_cells([tiny()], folder, progress=False)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n_params", None),  # None: the field is deleted
+        ("n_params", "85,904"),
+        ("n_params", -5),
+        ("best_test_vfe", "low"),
+        ("best_test_vfe", 1.0),  # not the minimum of test_vfe
+        ("test_vfe", [-3.0]),
+        ("test_vfe", [30.0, 29.0]),  # longer than the evaluated epochs
+        ("test_vfe", [1e400]),  # read as infinity
+        ("wall_seconds", -1.0),
+        ("active_units", None),
+        ("running_train_vfe", []),
+        ("train_vfe", "23.4"),
+    ],
+)
+def test_a_damaged_or_inconsistent_record_is_refused_naming_the_file_and_field(
+    tmp_path, field, value
+):
+    v.run_cells([tiny()], tmp_path, progress=False)
+    path = v.cell_path(tiny(), tmp_path)
+    rec = json.loads(path.read_text())
+    if value is None:
+        del rec[field]
+    else:
+        rec[field] = value
+    path.write_text(json.dumps(rec).replace("Infinity", "1e400"))
+    with pytest.raises(v.ResultsError, match=f"{path.name} is corrupt .*its {field} is"):
+        v.load_cell(path, tiny())
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_a_record_holding_a_number_json_does_not_allow_is_refused(tmp_path, literal):
+    v.run_cells([tiny()], tmp_path, progress=False)
+    path = v.cell_path(tiny(), tmp_path)
+    rec = json.loads(path.read_text())
+    rec["test_vfe"][0] = float(literal.lower().replace("infinity", "inf"))
+    path.write_text(json.dumps(rec))
+    with pytest.raises(v.ResultsError, match=f"{literal.lstrip('-')} is not a number JSON allows"):
+        v.load_cell(path, tiny())
+
+
+def test_a_record_giving_a_key_twice_is_refused(tmp_path):
+    v.run_cells([tiny()], tmp_path, progress=False)
+    path = v.cell_path(tiny(), tmp_path)
+    path.write_text(
+        path.read_text().replace('{\n "settings"', '{\n "n_params": 1,\n "settings"', 1)
+    )
+    with pytest.raises(v.ResultsError, match="given twice: \\['n_params'\\]"):
+        v.load_cell(path, tiny())
+
+
+def test_a_diverged_records_peaks_are_written_as_strict_json(tmp_path):
+    v.write_json({"peak": float("inf"), "list": [1.0, float("nan")]}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"peak": "inf", "list": [1.0, "nan"]}
+
+
+def test_a_folder_where_a_record_should_be_is_corrupt(tmp_path):
+    path = v.cell_path(tiny(), tmp_path)
+    path.mkdir(parents=True)
+    with pytest.raises(v.ResultsError, match="corrupt"):
+        v.load_cell(path, tiny())
+
+
+def test_leftover_temporary_files_of_dead_writers_are_removed_when_a_run_starts(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ours = f"~{v.HOST}~{dead.pid}~0000abcd.tmp"  # atomic_save's name for a dead writer's file
+    gone = [tmp_path / "cells" / f"a.json{ours}", tmp_path / f"q4.csv{ours}"]
+    kept = [tmp_path / "cells" / f"c.json~{v.HOST}~{os.getpid()}~0000abcd.tmp"]  # alive
+    for p in gone + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("half")
+    v.run_cells([tiny()], tmp_path, progress=False)
+    assert [p.exists() for p in gone] == [False, False] and all(p.exists() for p in kept)
+
+
+def test_temporary_files_that_are_not_the_stores_own_are_left_alone(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    others = [
+        "notes.tmp",
+        "cells/b.pt.tmp",
+        "project/build/report.tmp",
+        ".cache/x.tmp",
+        f"docs/a.json~{v.HOST}~{dead.pid}~0000abcd.tmp",
+    ]  # the last: not a store folder
+    for name in others:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("someone's work")
+    v.run_cells([tiny()], tmp_path, progress=False)
+    assert all((tmp_path / name).read_text() == "someone's work" for name in others)
+
+
+def test_slurm_jobs_store_the_same_records_as_a_plain_run(tmp_path):
+    cells = [tiny(latent=2), tiny(latent=3), tiny(hidden=7)]
+    jobs = v.submit_slurm(cells, tmp_path / "slurm", local=True)
+    assert len(jobs) == 2  # one job per group
+    [job.result() for job in jobs]
+    plain = v.run_cells(cells, tmp_path / "plain", progress=False)
+    for s, rec in zip(cells, plain):
+        stored = v.load_cell(v.cell_path(s, tmp_path / "slurm"), s)
+        assert stored["test_vfe"] == pytest.approx(rec["test_vfe"], rel=1e-5)
+
+
+def child_processes(pid):
+    """The processes whose parent is pid (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    return out
+
+
+def test_a_slurm_job_preempted_after_a_checkpoint_is_requeued_and_resumes_from_it(
+    tmp_path, monkeypatch
+):
+    hold = tmp_path / "hold"  # the job waits after each checkpoint while this file exists
+    hold.touch()
+    monkeypatch.setenv("VAE_CHECKPOINT_SECONDS", "0")  # the job's process reads both
+    monkeypatch.setenv("VAE_HOLD_FILE", str(hold))
+    cell = tiny(hidden=50, epochs=3, train_size=3000)
+    (job,) = v.submit_slurm([cell], tmp_path, hours=1, local=True)  # requeued up to 3 times
+    try:
+        wait_until(
+            lambda: v.checkpoint_path([cell], tmp_path).with_suffix(".json").exists(),
+            "the first checkpoint",
+        )
+        (task,) = child_processes(
+            job._process.pid
+        )  # the job itself, under submitit's local controller
+        os.kill(
+            task, signal.SIGUSR2
+        )  # what Slurm sends a job before its time limit or a preemption
+        wait_until(lambda: task not in child_processes(job._process.pid), "the job to stop")
+    finally:
+        hold.unlink()  # the requeued job goes on (and no job is left waiting if this test failed)
+    job.result()
+    assert "resuming" in job.stderr()
+    (plain,) = v.run_cells([cell], tmp_path / "plain", progress=False)
+    assert v.load_cell(v.cell_path(cell, tmp_path), cell)["test_vfe"] == pytest.approx(
+        plain["test_vfe"], rel=1e-5
+    )
+
+
+def test_the_environment_has_a_working_jupyter_lab_to_open_the_notebook():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "jupyterlab", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip()[0].isdigit()
+
+
+def test_a_long_epoch_shows_its_mini_batches_with_the_group_and_the_time_left(capsys, monkeypatch):
+    monkeypatch.setattr(v.stacked, "TTY", True)  # as in a terminal
+    v.train_group([v.cell_settings(5, 2, epochs=1, train_size=10_000)], progress=True)
+    err = capsys.readouterr().err
+    assert "h=5 l=2 epoch 1" in err and "/100 [" in err and "<" in err  # "<": time left
+    assert "batch/s]" in err or "s/batch]" in err  # tqdm turns the rate round below one a second
+
+
+def test_progress_written_to_a_file_is_a_few_lines_not_one_per_batch(capsys, monkeypatch):
+    monkeypatch.setattr(v.stacked, "TTY", False)
+    monkeypatch.setattr(v.stacked, "BAR", dict(mininterval=1e9, maxinterval=1e9))  # no clock
+    v.train_group([v.cell_settings(5, 2, epochs=3, train_size=10_000)], progress=True)
+    lines = [x for x in capsys.readouterr().err.replace("\r", "\n").splitlines() if x.strip()]
+    assert "epoch 1" not in " ".join(lines) and len(lines) <= 4  # the epoch bar's start and end
+
+
+def test_every_committed_record_is_found_under_its_own_settings():
+    paths = sorted(v.RESULTS_DIR.glob("**/cells/*.json"))
+    assert len(paths) > 125
+    for path in paths:
+        s = json.loads(path.read_text())["settings"]
+        rest = {k: x for k, x in s.items() if k not in ("hidden", "latent")}
+        assert v.cell_settings(s["hidden"], s["latent"], **rest) == s, path.name
+        assert v.cell_path(s, path.parent.parent) == path
+
+
+class Planted:
+    """Unpickled by a full pickle load, it runs a shell command."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_planted_checkpoint_runs_no_code_and_is_set_aside(tmp_path):
+    marker, cell = tmp_path / "ran", tiny()
+    checkpoint = v.checkpoint_path([cell], tmp_path)
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"records": Planted(f"touch {marker}"), "epoch": 1}, checkpoint)
+    (checkpoint.with_suffix(".json")).write_text(json.dumps({"cells": [cell]}))
+    with pytest.warns(UserWarning, match="set aside"):
+        v.run_cells([cell], tmp_path, progress=False)
+    assert not marker.exists() and v.cell_path(cell, tmp_path).exists()
+    assert len(list(checkpoint.parent.glob("*.corrupt-*"))) == 1
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    ['{"cells": "abc"}', '{"cells": [1]}', '{"other": []}', '{"cells": [{"hidden": 5}]}', "[1]"],
+)
+def test_a_malformed_checkpoint_sidecar_is_set_aside_and_the_run_goes_on(tmp_path, sidecar):
+    side = tmp_path / "checkpoints" / "0123456789abcdef.json"
+    side.parent.mkdir(parents=True)
+    side.write_text(sidecar)
+    with pytest.warns(UserWarning, match="malformed"):
+        v.run_cells([tiny()], tmp_path, progress=False)
+    assert v.cell_path(tiny(), tmp_path).exists() and not side.exists()
+    assert len(list(side.parent.glob("*.malformed-*"))) == 1
+
+
+def test_a_checkpointed_group_stores_only_the_cells_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(v.stacked, "CHECKPOINT_SECONDS", 0)
+    asked, extra = tiny(latent=2, epochs=2), tiny(latent=3, epochs=2)
+    side = v.checkpoint_path([asked, extra], tmp_path).with_suffix(".json")
+    side.parent.mkdir(parents=True)
+    side.write_text(json.dumps({"cells": [asked, extra]}))  # as a run asked for both would leave
+    v.run_cells([asked], tmp_path, progress=False)
+    assert v.cell_path(asked, tmp_path).exists() and not v.cell_path(extra, tmp_path).exists()
+
+
+def test_two_runs_sharing_a_cell_train_it_once_and_both_read_the_claimants_record(tmp_path):
+    import subprocess
+    import sys
+
+    hold = tmp_path / "hold"  # the first run waits after its first checkpoint while this exists
+    hold.touch()
+    shared, first, second = (
+        tiny(latent=2, epochs=2),
+        tiny(latent=3, epochs=2),
+        tiny(latent=4, epochs=2),
+    )
+    code = (
+        "import json, sys, vae_helpers as v; cells = json.loads(sys.argv[1]); "
+        "v.run_cells(cells, sys.argv[2], progress=False)"
+    )
+
+    def run(cells, **env):
+        env = dict(os.environ, VAE_CHECKPOINT_SECONDS="0", **env)
+        args = [sys.executable, "-c", code, json.dumps(cells), str(tmp_path)]
+        return subprocess.Popen(args, env=env, cwd=v.ROOT)
+
+    a = run([shared, first], VAE_HOLD_FILE=str(hold))
+    try:
+        group = v.checkpoint_path([shared, first], tmp_path).with_suffix(".json")
+        wait_until(group.exists, "the first run's checkpoint")  # it holds the shared cell's claim
+        b = run([shared, second])
+        wait_until(lambda: v.cell_path(second, tmp_path).exists(), "the second run's own cell")
+        assert not v.cell_path(shared, tmp_path).exists()  # left to the run that claimed it
+    finally:
+        hold.unlink()
+    assert a.wait(timeout=600) == 0 and b.wait(timeout=600) == 0
+    rec = v.load_cell(v.cell_path(shared, tmp_path), shared)
+    assert rec["group"] == [2, 3]  # trained in the first run's group

@@ -1,0 +1,234 @@
+"""The command line: `python -m vae_helpers q4` runs or resumes an experiment, then prints its
+table. The arguments are checked before PyTorch is imported, so `--help` and mistakes answer at
+once, and before anything is trained or written."""
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# The experiments' names (experiments.EXPERIMENTS; a test checks that the two agree).
+NAMES = ("bf16_check", "q4", "q5", "q6", "q6_sweep", "q7", "q7_bias_variance", "q7_data")
+NAMES += ("q7_data_lr_scale", "q7_lr_scale", "recon", "seeds")
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+RESULTS = Path(
+    os.environ.get("VAE_RESULTS_DIR") or Path(__file__).resolve().parent.parent / "results"
+)
+
+
+def count(low):
+    """An argparse type: an integer of at least `low`."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def hours(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of hours, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage: --help gives that
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser():
+    p = Parser(
+        prog="python -m vae_helpers",
+        description="Train the cells (one trained model each) that an experiment still lacks, "
+        "resuming any stopped ones, then print its table. Ctrl-C stops it; the same command "
+        "resumes.",
+    )
+    p.add_argument("experiment", choices=NAMES + ("all",))
+    p.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help="results folder (default: "
+        "results/, or $VAE_RESULTS_DIR); name a new one to re-run from scratch",
+    )
+    p.add_argument(
+        "--epochs",
+        type=count(1),
+        help="train every cell this many epochs instead of "
+        "the experiment's own protocol; the table goes to <results>/<name>_e<N>.csv",
+    )
+    p.add_argument(
+        "--max-params", type=count(1), help="train only the cells of at most this many parameters"
+    )
+    p.add_argument(
+        "--min-params",
+        type=count(0),
+        default=0,
+        help="train only the cells of at least this many parameters",
+    )
+    p.add_argument(
+        "--jobs",
+        type=count(1),
+        default=CORES,
+        help="worker processes, "
+        f"single-threaded when there are enough groups (default: one per core, {CORES} "
+        "here)",
+    )
+    slurm = p.add_argument_group("Slurm (train on a cluster instead of here)")
+    slurm.add_argument(
+        "--slurm",
+        action="store_true",
+        help="submit the missing groups to Slurm "
+        "as one job array (submitit); run again without it for the table",
+    )
+    slurm.add_argument(
+        "--slurm-local",
+        action="store_true",
+        help="the same jobs, run as "
+        "processes on this machine by submitit's local executor: a trial of the "
+        "cluster path without a cluster",
+    )
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument(
+        "--hours",
+        type=hours,
+        help="time limit per job (default 4); a job "
+        "stopped by it is requeued and resumes from its checkpoint",
+    )
+    slurm.add_argument("--gpus", type=count(0), help="GPUs per job (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def checked(p, args):
+    """Refuse combinations that would do something other than what was asked."""
+    cluster = [f"--{k}" for k in ("partition", "hours", "gpus") if getattr(args, k) is not None]
+    if cluster and not (args.slurm or args.slurm_local):
+        p.error(f"{', '.join(cluster)} only apply with --slurm")
+    if args.slurm and args.slurm_local:
+        p.error("choose one of --slurm and --slurm-local")
+    if args.slurm and shutil.which("sbatch") is None:
+        p.error(
+            "--slurm needs Slurm's sbatch, and none is on this machine's PATH. Train here "
+            "with --jobs N, or try the job path on this machine with --slurm-local"
+        )
+    if args.max_params is not None and args.min_params > args.max_params:
+        p.error(f"--min-params {args.min_params:,} is above --max-params {args.max_params:,}")
+    if not str(args.results).strip():
+        p.error("--results is empty; name a folder (default: results/)")
+    return args
+
+
+def main(argv=None):
+    p = parser()
+    args = checked(p, p.parse_args(argv))
+    names = list(NAMES) if args.experiment == "all" else [args.experiment]
+    from .store import ResultsError  # PyTorch loads here, once the arguments are known to be good
+
+    try:
+        run_command(args, names, p)
+    except KeyboardInterrupt:
+        sys.exit(
+            "\ninterrupted: every cell finished so far is stored, and each group in "
+            "training keeps its last checkpoint (at most its epoch in progress is lost); "
+            "the same command resumes"
+        )
+    except (ValueError, OSError, ResultsError) as err:  # bad input or a bad results folder
+        sys.exit(f"error: {err}")
+
+
+def run_command(args, names, p):
+    from .experiments import experiment_cells, run_experiment, table_name
+    from .runner import submit_slurm
+
+    cells = [
+        s for n in names for s in experiment_cells(n, args.epochs, args.max_params, args.min_params)
+    ]
+    if not cells:
+        size = (
+            f"at least {args.min_params:,}"
+            if args.max_params is None
+            else (f"between {args.min_params:,} and {args.max_params:,}")
+        )
+        p.error(f"no cell of {', '.join(names)} has {size} parameters; nothing to train")
+    if args.slurm or args.slurm_local:
+        hours_ = 4.0 if args.hours is None else args.hours
+        jobs = submit_slurm(
+            cells, args.results, args.partition, hours_, args.gpus or 0, local=args.slurm_local
+        )
+        ids = ", ".join(j.job_id for j in jobs)
+        where = "local processes (pids)" if args.slurm_local else "Slurm jobs"
+        print(
+            f"submitted {len(jobs)} groups as {where} {ids}; logs in "
+            f"{Path(args.results) / 'slurm'}. When they finish, run this command without "
+            f"--slurm{'-local' if args.slurm_local else ''} for the table."
+            if jobs
+            else "every cell is stored already: run this command without --slurm for the table"
+        )
+        return
+    for name in names:
+        table, _ = run_experiment(
+            name,
+            args.results,
+            not args.no_progress,
+            args.epochs,
+            args.max_params,
+            args.min_params,
+            args.jobs,
+        )
+        name = table_name(name, args.epochs)
+        print(
+            f"\n{name} ({len(table)} cells), written to {Path(args.results) / (name + '.csv')} "
+            "with every column; here the settings that vary and the results:"
+        )
+        print(readable(table).to_string(index=False, line_width=99))
+
+
+def readable(table):
+    """The table as printed: settings that are the same in every row left out, counts as whole
+    numbers, and what was not measured or did not happen said in words rather than NaN."""
+    results = [
+        "n_params",
+        "best_test_vfe",
+        "best_epoch",
+        "final_test_vfe",
+        "final_train_vfe",
+        "final_running_train_vfe",
+        "active_units",
+        "diverged_epoch",
+    ]
+    keep = [
+        c
+        for c in table
+        if c in results or (c != "wall_seconds" and table[c].nunique(dropna=False) > 1)
+    ]
+    import pandas as pd
+
+    out = table[keep].copy()
+    if "final_train_vfe" in out and out.final_train_vfe.isna().all():
+        out = out.drop(columns="final_train_vfe")  # older records never measured it
+    for col, missing in (
+        ("active_units", "-"),
+        ("diverged_epoch", "no"),
+        ("final_train_vfe", "not measured"),
+    ):
+        if col in out:
+            out[col] = [
+                missing if pd.isna(x) else (f"{x:.3f}" if col == "final_train_vfe" else str(int(x)))
+                for x in out[col]
+            ]
+    return out
+
+
+if __name__ == "__main__":
+    main()

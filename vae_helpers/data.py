@@ -1,0 +1,100 @@
+"""Fashion-MNIST (or MNIST): from Debian's package when installed, else torchvision; class names."""
+
+import gzip
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from .model import X_DIM
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: data/ and results/ live there
+
+DATA_DIR = ROOT / "data"
+
+TRAIN_IMAGES = 60_000  # in Fashion-MNIST and MNIST alike
+
+TRAIN_VALUES = TRAIN_IMAGES * X_DIM  # Q7's vertical line: 47,040,000 training values
+
+# Where Debian's packages put the original IDX files (`apt-get install dataset-fashion-mnist`).
+DEBIAN_DIRS = {
+    "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+    "mnist": Path("/usr/share/datasets/mnist"),
+}
+
+IDX_FILES = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
+
+
+def dataset_class(dataset):
+    """The torchvision class for a dataset name."""
+    from torchvision import datasets
+
+    classes = {"fashion-mnist": datasets.FashionMNIST, "mnist": datasets.MNIST}
+    if dataset not in classes:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(classes)}")
+    return classes[dataset]
+
+
+def copy_debian_files(dataset, root):
+    """Unpack the Debian package's IDX files into torchvision's raw folder; True if done."""
+    src = DEBIAN_DIRS[dataset]
+    raw = Path(root) / dataset_class(dataset).__name__ / "raw"
+    if not all((src / f"{name}.gz").exists() or (src / name).exists() for name in IDX_FILES):
+        return False
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in IDX_FILES:
+        if (raw / name).exists():
+            continue
+        gz = src / f"{name}.gz"
+        with (
+            gzip.open(gz) if gz.exists() else open(src / name, "rb") as fin,
+            open(raw / f"{name}.part", "wb") as fout,
+        ):
+            shutil.copyfileobj(fin, fout)
+        os.replace(raw / f"{name}.part", raw / name)
+    return True
+
+
+@lru_cache(maxsize=4)
+def load_data(dataset="fashion-mnist", root=str(DATA_DIR)):
+    """Train and test images as float tensors in [0, 1], shapes (60000, 784) and (10000, 784)."""
+    cls = dataset_class(dataset)
+    try:
+        train, test = cls(root, train=True), cls(root, train=False)
+    except RuntimeError:  # torchvision: "Dataset not found"
+        if not copy_debian_files(dataset, root):
+            try:
+                cls(root, train=True, download=True)
+            except Exception as err:
+                raise FileNotFoundError(
+                    f"{dataset} not found in {root} or {DEBIAN_DIRS[dataset]}, and torchvision "
+                    f"could not download it ({err}). Either install the Debian package "
+                    f"(`sudo apt-get install dataset-{dataset}`) or run once with internet access "
+                    f"so that torchvision downloads it."
+                ) from None
+        train, test = cls(root, train=True), cls(root, train=False)
+    # Same values as the course's transforms.ToTensor(): uint8 / 255, then flattened.
+    return tuple(ds.data.reshape(len(ds.data), X_DIM).float().div_(255) for ds in (train, test))
+
+
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+def test_labels(dataset="fashion-mnist", root=str(DATA_DIR)):
+    return dataset_class(dataset)(root, train=False).targets

@@ -1,0 +1,290 @@
+"""Training the cells an experiment still lacks: here, in worker processes that share the groups
+through their locks, or as Slurm jobs (submitit) that resume from their checkpoints."""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import stacked
+from .model import label
+from .settings import cell_settings
+from .stacked import groups, train_group, without_latent
+from .store import (
+    RESULTS_DIR,
+    atomic_save,
+    cell_path,
+    checkpoint_path,
+    group_lock,
+    load_cell,
+    recons_path,
+    remove_leftovers,
+    save_npz,
+    stored_and_missing,
+    weights_path,
+    writable_results,
+    write_json,
+)
+
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+WAIT_SECONDS = 5  # how often a worker looks again for groups that others are training
+
+
+def planned_groups(pending, results_dir):
+    """The groups to train for the pending cells: first each checkpointed group that still lacks a
+    cell (resumed as it was), then new groups of the rest. A checkpoint that no pending cell needs
+    is removed when its group is not being trained; a malformed sidecar is set aside."""
+    plans, covered = [], []
+    for side in sorted((Path(results_dir) / "checkpoints").glob("*.json")):
+        group = sidecar_cells(side)
+        if group is None:
+            continue
+        still = [s for s in group if s in pending and s not in covered]
+        if still:
+            plans.append(group)
+            covered += still
+        elif not any(s in pending for s in group):
+            with group_lock(side.with_suffix(".pt")) as lock:
+                if lock is not None and all(cell_path(s, results_dir).exists() for s in group):
+                    side.with_suffix(".pt").unlink(missing_ok=True)
+                    side.unlink(missing_ok=True)
+    return plans + groups([s for s in pending if s not in covered])
+
+
+def sidecar_cells(side):
+    """The cells a checkpoint's sidecar names, each a cell's full settings, all of one group; or
+    None, with the sidecar set aside and a warning, when it is not that."""
+    try:
+        cells = json.loads(side.read_text())["cells"]
+        if not isinstance(cells, list) or not cells:
+            raise TypeError("its cells are not a list of cells")
+        for s in cells:
+            if not isinstance(s, dict) or cell_settings(**s) != s:
+                raise TypeError(f"{str(s)[:80]} is not a cell's settings")
+        if len({json.dumps(without_latent(s), sort_keys=True) for s in cells}) > 1:
+            raise TypeError("its cells differ in more than their latent size")
+        return cells
+    except FileNotFoundError:
+        return None  # removed by the process that finished its group
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        aside = side.with_name(f"{side.name}.malformed-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(side, aside)
+        warnings.warn(
+            f"checkpoint sidecar {side} is malformed ({err}); set aside as {aside.name}",
+            stacklevel=2,
+        )
+        return None
+
+
+def store_group(group, results_dir, progress, wanted=None):
+    """Train one group (resuming its checkpoint) and store the cells of `wanted` (default: all)
+    that it still lacks; returns the cells that diverged before their first evaluation."""
+    checkpoint = checkpoint_path(group, results_dir)
+    wanted = group if wanted is None else wanted
+    todo = [s for s in group if s in wanted and not cell_path(s, results_dir).exists()]
+    if todo:
+        records, models = train_group(group, progress, checkpoint)
+        for s, rec, model in zip(group, records, models):
+            if s in todo and rec is not None:
+                store_cell(s, rec, model, results_dir)
+    checkpoint.unlink(missing_ok=True)
+    checkpoint.with_suffix(".json").unlink(missing_ok=True)
+    return [s for s in todo if not cell_path(s, results_dir).exists()]
+
+
+def store_cell(s, rec, model, results_dir):
+    """A trained cell's weights, kept reconstructions and, last, its record: a stored record means
+    that everything of its cell is stored."""
+    atomic_save(model.state_dict(), weights_path(s, results_dir), torch.save)
+    recons = rec.pop("recons", None)
+    if recons:
+        rec.update({f"recon_mse_{k}": r["mse"] for k, r in recons.items()})
+        arrays = {k: r["images"].numpy() for k, r in recons.items()}
+        atomic_save(arrays, recons_path(s, results_dir), save_npz)
+    atomic_save(rec, cell_path(s, results_dir), write_json)
+
+
+def cell_claim(s, results_dir):
+    """A lock on one cell (checkpoints/<its name>.lock): the process holding it is the one that
+    trains and stores the cell, whichever group, or experiment, it trains it in."""
+    return group_lock(Path(results_dir) / "checkpoints" / cell_path(s).name)
+
+
+def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
+    """Records for every cell: stored ones reused, the rest trained in groups and stored at once.
+    Safe with other processes on the same folder: each group is trained by the one that locks it.
+    With `jobs` > 1, that many single-threaded worker processes share the groups."""
+    _, pending = stored_and_missing(cells, results_dir)
+    if not pending:  # reading needs no write access
+        return [load_cell(cell_path(s, results_dir), s) for s in cells]
+    results_dir = writable_results(results_dir)
+    remove_leftovers(results_dir)
+    jobs = min(jobs, len(planned_groups(pending, results_dir)))
+    if jobs > 1:  # more workers than groups would idle, and take threads from the others
+        run_workers(cells, results_dir, jobs, progress)
+        pending = stored_and_missing(cells, results_dir)[1]
+    failed = []
+    while pending:
+        busy = False
+        plan = planned_groups(pending, results_dir)
+        bars = progress and stacked.PROGRESS_ROW == 0 and len(plan) > 1
+        for group in tqdm(plan, desc="groups", disable=not bars, **stacked.BAR):
+            with group_lock(checkpoint_path(group, results_dir)) as lock, ExitStack() as claims:
+                if lock is None:
+                    busy = True  # another process is training it
+                    continue
+                asked = [s for s in group if s in pending]
+                mine = [s for s in asked if claims.enter_context(cell_claim(s, results_dir))]
+                busy = busy or len(mine) < len(asked)  # another process trains the others
+                if mine:
+                    failed += store_group(group, results_dir, progress, mine)
+        pending = [s for s in pending if not cell_path(s, results_dir).exists() and s not in failed]
+        if pending and busy:
+            time.sleep(WAIT_SECONDS)
+    remove_free_locks(results_dir)
+    if failed:
+        names = ", ".join(f"{label(s)} seed {s['seed']}" for s in failed)
+        raise FloatingPointError(
+            f"{names} diverged before the first evaluation and was not stored; "
+            "the other cells of its group were"
+        )
+    return [load_cell(cell_path(s, results_dir), s) for s in cells]
+
+
+def worker(cells, results_dir, threads, row=0, progress=False):
+    """One of run_cells' worker processes: single-threaded, claiming groups through their locks.
+    Its parent stops it (SIGTERM, also sent by the kernel when the parent dies): it then exits
+    cleanly, and says nothing; the parent says what was kept. Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop_worker)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the line above
+        return
+    stacked.PROGRESS_ROW = row  # this worker's progress bars go below the others'
+    torch.set_num_threads(threads)
+    run_cells(cells, results_dir, progress=progress)
+
+
+def stop_worker(signum, frame):
+    sys.exit(128 + signum)
+
+
+def run_workers(cells, results_dir, jobs, progress):
+    """Train the missing cells in `jobs` processes, the machine's cores shared among them. The
+    workers are stopped when this process is interrupted or terminated."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, CORES // jobs)
+    procs = [
+        ctx.Process(target=worker, args=(cells, str(results_dir), threads, 1 + 2 * i, progress))
+        for i in range(jobs)
+    ]
+    unique = {cell_path(s, results_dir) for s in cells}
+    with stopped_by_sigterm():
+        try:
+            for p in procs:
+                p.start()
+            with tqdm(
+                total=len(unique),
+                desc=f"cells stored ({jobs} workers)",
+                disable=not progress,
+                **stacked.BAR,
+            ) as bar:
+                while any(p.is_alive() for p in procs):
+                    bar.update(sum(p.exists() for p in unique) - bar.n)
+                    time.sleep(1)
+                bar.update(sum(p.exists() for p in unique) - bar.n)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                p.join()
+    lost = [p.exitcode for p in procs if p.exitcode != 0]
+    if lost:
+        how = ", ".join(f"signal {-c}" if c < 0 else f"exit code {c}" for c in lost)
+        missing = [s for s in cells if not cell_path(s, results_dir).exists()]
+        if missing:
+            raise RuntimeError(
+                f"{len(lost)} of {jobs} workers were lost ({how}); not stored: "
+                + ", ".join(f"{label(s)} seed {s['seed']}" for s in missing)
+            )
+        print(
+            f"{len(lost)} of {jobs} workers were lost ({how}); the others stored every cell",
+            file=sys.stderr,
+        )
+
+
+@contextmanager
+def stopped_by_sigterm():
+    """Within it, SIGTERM stops this process as Ctrl-C does, so that `finally` blocks run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def remove_free_locks(results_dir):
+    """Remove the lock files of finished groups (no checkpoint left) that no process holds."""
+    for path in (Path(results_dir) / "checkpoints").glob("*.lock"):
+        if not path.with_suffix(".pt").exists():
+            with group_lock(path.with_suffix(".pt")) as lock:
+                if lock is not None and not path.with_suffix(".pt").exists():
+                    path.unlink(missing_ok=True)
+
+
+class GroupJob:
+    """A Slurm job of submit_slurm: train and store one group. On preemption or time-out submitit
+    calls `checkpoint`, requeues the same call, and it resumes from the group's last checkpoint."""
+
+    def __call__(self, group, results_dir):
+        return run_cells(group, results_dir, progress=False)
+
+    def checkpoint(self, group, results_dir):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, group, results_dir)
+
+
+def submit_slurm(cells, results_dir=RESULTS_DIR, partition=None, hours=4.0, gpus=0, local=False):
+    """Submit the groups that `cells` still lack as one Slurm job array (submitit); returns the
+    jobs. With `local`, submitit's local executor runs the same jobs as processes here."""
+    import submitit
+
+    results_dir = writable_results(results_dir)
+    plan = planned_groups(stored_and_missing(cells, results_dir)[1], results_dir)
+    if local:
+        executor = submitit.LocalExecutor(folder=results_dir / "slurm")
+        executor.update_parameters(timeout_min=max(1, round(hours * 60)))
+    else:
+        executor = submitit.AutoExecutor(folder=results_dir / "slurm", cluster="slurm")
+        executor.update_parameters(
+            slurm_partition=partition,
+            gpus_per_node=gpus,
+            cpus_per_task=2,
+            timeout_min=max(1, round(hours * 60)),
+            slurm_array_parallelism=len(plan) or 1,
+        )
+    with executor.batch():
+        jobs = [executor.submit(GroupJob(), group, str(results_dir)) for group in plan]
+    return jobs
