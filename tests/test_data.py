@@ -1,5 +1,8 @@
 """Loading Fashion-MNIST (vae_helpers/data.py)."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -25,3 +28,45 @@ def test_missing_data_says_both_ways_to_get_it(tmp_path, monkeypatch):
     )
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-mnist.*internet"):
         v.load_data("mnist", str(tmp_path))
+
+
+def damaged(path):
+    """Ways a data file gets damaged, each a function of its bytes."""
+    head = 16 if "images" in path.name else 8
+    return {
+        "random bytes": lambda b: b[:head] + os.urandom(20_000 * 784) + b[head + 20_000 * 784 :],
+        "all zero": lambda b: b[:head] + bytes(len(b) - head),
+        "fewer images, consistent": lambda b: (
+            b[:4]
+            + (50_000).to_bytes(4, "big")
+            + b[8:][: head - 8 + 50_000 * (784 if "images" in path.name else 1)]
+        ),
+        "truncated": lambda b: b[: len(b) // 2],
+        "wrong magic": lambda b: b"\0\0\0\0" + b[4:],
+        "empty": lambda b: b"",
+    }
+
+
+DAMAGES = [
+    "random bytes",
+    "all zero",
+    "fewer images, consistent",
+    "truncated",
+    "wrong magic",
+    "empty",
+]
+
+
+@pytest.mark.parametrize(
+    "name, damage",
+    [("train-images-idx3-ubyte", d) for d in DAMAGES]
+    + [("t10k-labels-idx1-ubyte", d) for d in DAMAGES if d != "random bytes"],
+)
+def test_a_damaged_data_file_is_refused_in_one_line_that_names_it(tmp_path, name, damage):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    shutil.copytree(v.DATA_DIR / "FashionMNIST" / "raw", raw)
+    path = raw / name
+    path.write_bytes(damaged(path)[damage](path.read_bytes()))
+    with pytest.raises(ValueError, match=f"{path} is not the original fashion-mnist file") as err:
+        v.load_data.__wrapped__("fashion-mnist", str(tmp_path))
+    assert len(str(err.value).splitlines()) == 1 and "delete" in str(err.value)

@@ -416,3 +416,133 @@ def test_two_runs_sharing_a_cell_train_it_once_and_both_read_the_claimants_recor
     assert a.wait(timeout=600) == 0 and b.wait(timeout=600) == 0
     rec = v.load_cell(v.cell_path(shared, tmp_path), shared)
     assert rec["group"] == [2, 3]  # trained in the first run's group
+
+
+def to_full_device(obj, path):  # /dev/full: every write fails as on a full disk
+    torch.save(obj, "/dev/full")
+
+
+def json_to_full_device(obj, path):
+    Path("/dev/full").write_text(json.dumps(obj, default=str))
+
+
+@pytest.mark.parametrize("save", [to_full_device, json_to_full_device])
+def test_a_full_disk_is_said_so_with_the_file_that_could_not_be_written(tmp_path, save):
+    with pytest.raises(OSError, match="x.pt could not be written: the disk is full"):
+        v.atomic_save({"w": torch.zeros(10_000)}, tmp_path / "x.pt", save)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_complete_results_folder_is_read_without_write_access(tmp_path, monkeypatch):
+    cells = [tiny(latent=2), tiny(latent=3)]
+    first = v.run_cells(cells, tmp_path, progress=False)
+    for name in ("writable_results", "remove_leftovers", "atomic_save"):
+        monkeypatch.setattr(v.runner, name, lambda *a, **k: pytest.fail("asked to write"))
+    monkeypatch.setattr(v.experiments, "atomic_save", lambda *a, **k: pytest.fail("wrote"))
+    assert v.run_cells(cells, tmp_path, progress=False) == first
+    monkeypatch.setitem(v.EXPERIMENTS, "q7", lambda: cells)
+    assert v.experiment_table("q7", tmp_path)[1] == first
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1][0] != "Z"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_workers_stop_when_their_parent_is_stopped_or_killed(tmp_path, stop):
+    import subprocess
+    import sys
+
+    hold = tmp_path / "hold"  # each group waits after its first checkpoint while this exists
+    hold.touch()
+    env = dict(os.environ, VAE_CHECKPOINT_SECONDS="0", VAE_HOLD_FILE=str(hold))
+    results = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vae_helpers",
+        "q4",
+        "--epochs",
+        "2",
+        "--max-params",
+        "90000",
+        "--results",
+        str(results),
+        "--jobs",
+        "2",
+        "--no-progress",
+    ]
+    parent = subprocess.Popen(
+        cmd, env=env, cwd=v.ROOT, start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: len(list((results / "checkpoints").glob("*.json"))) == 2, "both groups")
+        workers = [
+            p
+            for p in child_processes(parent.pid)
+            if "resource_tracker" not in (Path("/proc") / str(p) / "cmdline").read_text()
+        ]
+        assert len(workers) == 2
+        parent.send_signal(stop)  # to the parent alone, as Jupyter's interrupt or a kill does
+        parent.wait(timeout=600)
+        wait_until(lambda: not any(alive(p) for p in workers), "the workers to stop")
+    finally:
+        hold.unlink()
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert "Traceback" not in parent.stderr.read()
+
+
+def test_a_worker_lost_while_another_finishes_its_work_costs_one_line_and_the_table_is_written(
+    tmp_path,
+):
+    import subprocess
+    import sys
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = dict(os.environ, VAE_CHECKPOINT_SECONDS="0", VAE_HOLD_FILE=str(hold))
+    results = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vae_helpers",
+        "q4",
+        "--epochs",
+        "2",
+        "--max-params",
+        "90000",
+        "--results",
+        str(results),
+        "--jobs",
+        "2",
+        "--no-progress",
+    ]
+    parent = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=v.ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: len(list((results / "checkpoints").glob("*.json"))) == 2, "both groups")
+        workers = [
+            p
+            for p in child_processes(parent.pid)
+            if "resource_tracker" not in (Path("/proc") / str(p) / "cmdline").read_text()
+        ]
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(lambda: not alive(workers[0]), "the killed worker to go")
+    finally:
+        hold.unlink()
+    out, err = parent.communicate(timeout=600)
+    assert parent.returncode == 0, err
+    assert "1 of 2 workers were lost (signal 9); the others stored every cell" in err
+    assert "Traceback" not in err and (results / "q4_e2.csv").exists() and "q4_e2 (6 cells)" in out

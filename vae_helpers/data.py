@@ -1,6 +1,7 @@
 """Fashion-MNIST (or MNIST): from Debian's package when installed, else torchvision; class names."""
 
 import gzip
+import hashlib
 import os
 import shutil
 from functools import lru_cache
@@ -60,10 +61,53 @@ def copy_debian_files(dataset, root):
     return True
 
 
+# SHA-256 of the four original Fashion-MNIST files, uncompressed (computed from Debian's
+# dataset-fashion-mnist; torchvision downloads the same bytes).
+SHA256 = {
+    "fashion-mnist": dict(
+        zip(
+            IDX_FILES,
+            [
+                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+            ],
+        )
+    )
+}
+SIZES = {"train": 60_000, "t10k": 10_000}
+
+
+def check_files(dataset, root):
+    """Refuse raw files that are not the originals: the known checksums where there are any,
+    else the sizes of the IDX files. One line names the file and how to get a good copy."""
+    raw = Path(root) / dataset_class(dataset).__name__ / "raw"
+    for name in IDX_FILES:
+        path = raw / name
+        if not path.exists():
+            continue  # torchvision says what is missing
+        known = SHA256.get(dataset, {}).get(name)
+        n = SIZES[name.split("-")[0]]
+        size = 16 + n * X_DIM if "images" in name else 8 + n
+        if known is not None:
+            bad = hashlib.sha256(path.read_bytes()).hexdigest() != known
+        else:
+            bad = path.stat().st_size != size
+        if bad:
+            raise ValueError(
+                f"{path} is not the original {dataset} file "
+                f"({'its checksum differs' if known else 'its size is wrong'}); "
+                f"delete {raw} and run again: the files are copied again from "
+                f"{DEBIAN_DIRS[dataset]} or downloaded by torchvision"
+            )
+
+
 @lru_cache(maxsize=4)
 def load_data(dataset="fashion-mnist", root=str(DATA_DIR)):
     """Train and test images as float tensors in [0, 1], shapes (60000, 784) and (10000, 784)."""
     cls = dataset_class(dataset)
+    check_files(dataset, root)
     try:
         train, test = cls(root, train=True), cls(root, train=False)
     except RuntimeError:  # torchvision: "Dataset not found"
@@ -77,6 +121,7 @@ def load_data(dataset="fashion-mnist", root=str(DATA_DIR)):
                     f"(`sudo apt-get install dataset-{dataset}`) or run once with internet access "
                     f"so that torchvision downloads it."
                 ) from None
+        check_files(dataset, root)
         train, test = cls(root, train=True), cls(root, train=False)
     # Same values as the course's transforms.ToTensor(): uint8 / 255, then flattened.
     return tuple(ds.data.reshape(len(ds.data), X_DIM).float().div_(255) for ds in (train, test))

@@ -1,11 +1,13 @@
 """The results store: where each cell's record, weights and checkpoint live, atomic writes,
 records checked when read, and the locks that let several processes share one folder."""
 
+import errno
 import hashlib
 import json
 import os
 import platform
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,13 +32,26 @@ HOST = platform.node()
 
 def atomic_save(obj, path, save):
     """Write to a temporary file of this process's own, then rename: a crash never leaves half a
-    file, and two writers of one path never share a temporary file."""
+    file, and two writers of one path never share a temporary file. A full disk is said so."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}~{HOST}~{os.getpid()}~{os.urandom(4).hex()}.tmp")
     try:
         save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a failed write as "unexpected pos ...", without the reason
+        failed = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+            isinstance(err, RuntimeError) and "unexpected pos" in str(err)
+        )
+        if not failed:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(
+            errno.ENOSPC,
+            f"{path} could not be written: the disk is full ({free:,} bytes free there); free "
+            "some space and run the same command again, which resumes",
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
