@@ -318,6 +318,31 @@ def gap_table(
                 key=key,
             )
         )
-        table = pd.concat([old, pd.DataFrame(rows)]).drop_duplicates("key", keep="last")
+        new = pd.DataFrame(rows)
+        table = new if old.empty else pd.concat([old, new]).drop_duplicates("key", keep="last")
         atomic_save(table, path, save_csv)  # each row kept as soon as it is done
     return pd.DataFrame(rows)
+
+
+GAP_INTS = ["hidden_dim", "latent_dim", "train_size", "images", "steps"]
+
+
+def stored_gaps(path=RESULTS_DIR / "gaps.csv"):
+    """gap_table's stored rows, read only: one per (model, images, fit)."""
+    import pandas as pd
+
+    return pd.read_csv(path).astype({c: int for c in GAP_INTS})
+
+
+def overfit_split(gaps, hidden, train_size=1_000):
+    """One model's test-minus-training differences (as many images each): the VFE's and its three
+    parts', -log p(x) (the decoder), the amortisation gap (the encoder) and the approximation gap;
+    each (difference, standard error)."""
+    rows = gaps[
+        (gaps.hidden_dim == hidden) & (gaps.train_size == train_size) & (gaps.fit == "default")
+    ]
+    train, test = (rows[rows.split == s].iloc[0] for s in ("train", "test"))
+    parts = ("vfe_encoder", "nll", "amortisation", "approximation")
+    return {
+        k: (test[k] - train[k], float(np.hypot(test[f"{k}_se"], train[f"{k}_se"]))) for k in parts
+    }
