@@ -47,7 +47,7 @@ def test_unit_kl_adds_up_to_the_models_kl():
 @pytest.mark.parametrize("kept", range(len(v.kept_models())))
 def test_each_kept_model_matches_its_record_when_re_evaluated(kept):
     rec, model = v.kept_models()[kept]
-    assert v.test_vfe(model, rec["settings"], v.load_data()[1]) == pytest.approx(
+    assert v.eval_vfe(model, rec["settings"], v.load_data()[1]) == pytest.approx(
         rec["final_test_vfe"], abs=0.01
     )
 
@@ -56,7 +56,7 @@ def test_latent_plane_colours_codes_by_class_beside_the_decoded_grid():
     import matplotlib.pyplot as plt
 
     _, axes = plt.subplots(1, 2)
-    v.latent_plane(small_model(latent=2), v.load_data()[1][:300], v.test_labels()[:300], axes, n=4)
+    v.latent_plane(small_model(latent=2), v.load_data()[1][:300], v.image_labels()[:300], axes, n=4)
     assert [t.get_text() for t in axes[0].get_legend().get_texts()] == v.FASHION_CLASSES
     assert axes[0].get_xlabel() and axes[1].get_xlabel() and len(axes[1].images) == 1
     plt.close("all")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import tiny, wait_until
@@ -195,3 +196,30 @@ def test_ctrl_c_stops_every_process_in_one_line_and_the_same_command_resumes(tmp
 def test_a_finished_run_leaves_no_lock_files(tmp_path):
     v.run_cells([tiny(latent=2), tiny(hidden=7)], tmp_path, progress=False)
     assert not list((tmp_path / "checkpoints").glob("*.lock"))
+
+
+def test_the_printed_table_says_what_was_not_measured_in_words_within_100_columns(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2), tiny(latent=3)])
+    cli.main(["q4", "--results", str(tmp_path), "--no-progress"])
+    v.run_cells([tiny(latent=2)], tmp_path, progress=False)
+    table = v.summary_table(v.stored_records("q4", tmp_path)[0]).assign(
+        final_train_vfe=np.nan, diverged_epoch=pd.array([pd.NA, 3], dtype="Int64")
+    )
+    shown = cli.readable(table)
+    assert "final_train_vfe" not in shown  # never measured in these records: left out, not NaN
+    assert list(shown.active_units) == [str(n) for n in table.active_units]
+    assert list(shown.diverged_epoch) == ["no", "3"]
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) < 100 and "NaN" not in out
+
+
+def test_make_lab_lets_root_run_jupyterlab_and_passes_the_users_arguments():
+    out = subprocess.run(
+        ["make", "-n", "lab", "LAB_ARGS=--port 8890 --no-browser"],
+        cwd=v.ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "--allow-root)" in out and out.rstrip().endswith("--port 8890 --no-browser")

@@ -245,9 +245,9 @@ def test_a_cell_trains_on_its_own_slice_and_measures_the_held_out_images():
     def fixed():
         return v.noise(0, 0, 2, torch.device("cpu"))  # each measurement draws the same noise
 
-    r, k, _ = v.test_terms(model.eval(), train[1000:1300], fixed(), "mse")
+    r, k, _ = v.eval_terms(model.eval(), train[1000:1300], fixed(), "mse")
     assert rec["train_vfe"] == [pytest.approx(float(r + k), rel=1e-6)]
-    r, k, _ = v.test_terms(model, train[-500:], fixed(), "mse")
+    r, k, _ = v.eval_terms(model, train[-500:], fixed(), "mse")
     assert rec["val_vfe"] == [pytest.approx(float(r + k), rel=1e-6)]
     assert rec["best_val_epoch"] == 1 and rec["test_vfe_at_best_val"] == rec["test_vfe"][0]
 

@@ -52,7 +52,7 @@ def test_training_vfe_is_measured_like_the_test_vfe_on_the_first_training_images
     for size in (300, 12_000):  # all of a small training set; the first 10,000 of a large one
         rec, model = v.train_cell(v.cell_settings(5, 2, epochs=1, train_size=size), progress=False)
         first = v.load_data()[0][: min(size, v.TRAIN_EVAL_IMAGES)]
-        r, k, _ = v.test_terms(model.eval(), first, v.noise(0, 0, 2, torch.device("cpu")), "mse")
+        r, k, _ = v.eval_terms(model.eval(), first, v.noise(0, 0, 2, torch.device("cpu")), "mse")
         assert rec["train_vfe"] == [pytest.approx(float(r + k), rel=1e-6)]
 
 

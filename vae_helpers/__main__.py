@@ -188,8 +188,8 @@ def run_command(args, names, p):
         )
         name = table_name(name, args.epochs)
         print(
-            f"\n{name} ({len(table)} cells), written to {Path(args.results) / (name + '.csv')} "
-            "with every column; here the settings that vary and the results:"
+            f"\n{name} ({len(table)} cells); every column is in\n"
+            f"{Path(args.results) / (name + '.csv')}\nhere the settings that vary and the results:"
         )
         print(readable(table).to_string(index=False, line_width=99))
 

@@ -19,7 +19,7 @@ from .store import (
     weights_path,
     write_json,
 )
-from .train import chunk_sizes, noise, test_terms
+from .train import chunk_sizes, eval_terms, noise
 
 
 def best_model(records, results_dir=RESULTS_DIR):
@@ -122,9 +122,9 @@ def kept_models(models_dir=MODELS_DIR):
 
 
 @torch.no_grad()
-def test_vfe(model, s, test_x):
+def eval_vfe(model, s, test_x):
     """A model's test VFE measured as training measured it (fixed noise of its seed, epoch 0)."""
-    r, k, _ = test_terms(
+    r, k, _ = eval_terms(
         model, like(model, test_x), noise(s["seed"], 0, s["latent"], "cpu"), s["recon"]
     )
     return float(r + k)
@@ -145,7 +145,7 @@ def bound_table(
     rows = []
     for rec, model in models:
         s = rec["settings"]
-        vfe = test_vfe(model, s, x)
+        vfe = eval_vfe(model, s, x)
         for row in iwae_nll(model, x, ks, seed):
             rows.append(
                 dict(

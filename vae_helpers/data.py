@@ -141,5 +141,6 @@ FASHION_CLASSES = [
 ]
 
 
-def test_labels(dataset="fashion-mnist", root=str(DATA_DIR)):
-    return dataset_class(dataset)(root, train=False).targets
+def image_labels(dataset="fashion-mnist", root=str(DATA_DIR), train=False):
+    """The class of each test image (or training image), in load_data's order."""
+    return dataset_class(dataset)(root, train=train).targets

@@ -25,13 +25,13 @@ from .train import (
     cell_data,
     chunk_sizes,
     epoch_order,
+    eval_terms,
     evaluated,
     finish_record,
     measure,
     new_record,
     noise,
     note_divergence,
-    test_terms,
     training_device,
 )
 
@@ -252,7 +252,7 @@ def train_group(cells, progress=True, checkpoint=None):
             saved = time.monotonic()
             hold_for_tests()
     if means is None:  # resumed after the last epoch's checkpoint
-        means = test_terms(grid, test_x, fixed_noise(test_x), s0["recon"])[2]
+        means = eval_terms(grid, test_x, fixed_noise(test_x), s0["recon"])[2]
     finished = []
     for c, l in enumerate(grid.latents):
         try:

@@ -193,7 +193,7 @@ def evaluated(s, epoch):
 
 
 @torch.no_grad()
-def test_terms(forward, test_x, draw, recon, chunk=EVAL_CHUNK):
+def eval_terms(forward, test_x, draw, recon, chunk=EVAL_CHUNK):
     """Mean test reconstruction and KL per image, and the posterior means, under fixed noise."""
     recs, kls, means = 0.0, 0.0, []
     for x in test_x.split(chunk):
@@ -210,12 +210,12 @@ def measure(forward, draw, images, recon):
     fixed noise draw(x); and the test posterior means. images: (test, training, validation or
     None)."""
     test_x, train_x, val_x = images
-    r, k, means = test_terms(forward, test_x, draw(test_x), recon)
+    r, k, means = eval_terms(forward, test_x, draw(test_x), recon)
     train_x = train_x[:TRAIN_EVAL_IMAGES]
-    tr, tk, _ = test_terms(forward, train_x, draw(train_x), recon)
+    tr, tk, _ = eval_terms(forward, train_x, draw(train_x), recon)
     cols = [r, k, tr + tk]
     if val_x is not None:
-        vr, vk, _ = test_terms(forward, val_x, draw(val_x), recon)
+        vr, vk, _ = eval_terms(forward, val_x, draw(val_x), recon)
         cols.append(vr + vk)
     return cols, means
 
