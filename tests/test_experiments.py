@@ -139,7 +139,7 @@ def test_best_model_is_the_lowest_vfe_cell_and_is_kept_for_sampling(tmp_path):
     records = v.run_cells([tiny(latent=2), tiny(hidden=30, latent=2)], tmp_path, progress=False)
     best, model = v.best_model(records, tmp_path)
     assert best["best_test_vfe"] == min(r["best_test_vfe"] for r in records)
-    assert torch.load(tmp_path / "sample_vae.pt")["settings"] == best["settings"]
+    assert v.load_pt(v.kept_path(best["settings"], tmp_path))["record"] == best
     assert v.generate(model, n=4).shape == (4, 784)
 
 

@@ -12,6 +12,7 @@ Read in this order; each module imports only modules above it:
     experiments.py  the protocol, each question's cells as data, their tables
     plots.py        heatmaps, curves, image grids, figures shown with alternative text
     analysis.py     kept models: samples, the importance-weighted bound and its gap, the code
+    gaps.py         that gap split into amortisation and approximation (Cremer et al. 2018)
     tradeoff.py     Q7's bias and variance over training sets, and their figure
     __main__.py     the command line: `python -m vae_helpers q4`
 
@@ -23,7 +24,7 @@ replace a function replace it in the module that calls it.
 import importlib
 
 MODULES = ("model", "data", "settings", "train", "store", "stacked", "runner", "experiments")
-MODULES += ("plots", "analysis", "tradeoff")
+MODULES += ("plots", "analysis", "gaps", "tradeoff")
 
 
 def __getattr__(name):
