@@ -77,3 +77,16 @@ def test_the_amortisation_and_approximation_gaps_add_up_to_the_gap_to_the_exact_
     assert row["amortisation"] > 0 and row["approximation"] > -0.02  # q* beats the encoder
     total = row["vfe_encoder"] - float(exact.mean())
     assert row["amortisation"] + row["approximation"] == pytest.approx(total, abs=0.02)
+
+
+def test_each_stored_gap_row_adds_up_and_the_over_fitting_split_is_its_difference():
+    gaps = v.stored_gaps()
+    parts = gaps.nll + gaps.amortisation + gaps.approximation
+    assert (parts - gaps.vfe_encoder).abs().max() < 1e-4
+    split = v.overfit_split(gaps, 2000, "plateau")
+    (vfe, _), *rest = split.values()
+    assert vfe == pytest.approx(sum(d for d, _ in rest), abs=1e-4)
+    test = v.gap_row_of(gaps, 2000, "test", "plateau")
+    assert test.images == 200 and split["nll"][0] == pytest.approx(
+        test.nll - v.gap_row_of(gaps, 2000, "train", "plateau").nll
+    )

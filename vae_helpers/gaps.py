@@ -179,10 +179,11 @@ def stored_gaps(path=RESULTS_DIR / "gaps.csv"):
 GAP_PARTS = ("vfe_encoder", "nll", "amortisation", "approximation")
 
 
-def gap_row_of(gaps, hidden, split, fit="default", train_size=1_000):
-    """The stored gap_table row of one model (by width and training-set size) on one split."""
-    rows = gaps[(gaps.hidden_dim == hidden) & (gaps.train_size == train_size)]
-    return rows[(rows.split == split) & (rows.fit == fit)].iloc[0]
+def gap_row_of(gaps, hidden, split, fit="default", train_size=1_000, latent=10):
+    """The stored gap_table row of one model (by its sizes and training-set size) on one split."""
+    rows = gaps[(gaps.hidden_dim == hidden) & (gaps.latent_dim == latent)]
+    rows = rows[(rows.train_size == train_size) & (rows.split == split) & (rows.fit == fit)]
+    return rows.iloc[0]
 
 
 def gap_difference(a, b):
