@@ -9,7 +9,7 @@ Read in this order; each module imports only modules above it:
     store.py        results/: paths, atomic writes, checked records, locks
     stacked.py      GridVAE: the cells of one hidden size trained as one model, with checkpoints
     runner.py       training the missing cells: in this process, worker processes or Slurm
-    experiments.py  the protocol, each question's cells as data, their tables
+    experiments.py  each question's cells as data, and their tables
     plots.py        heatmaps, curves, image grids, figures shown with alternative text
     analysis.py     kept models: samples, the importance-weighted bound and its gap, the code
     gaps.py         that gap split into amortisation and approximation (Cremer et al. 2018)
