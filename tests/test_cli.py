@@ -5,11 +5,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny, wait_until
+from conftest import HELD_ARGS, held_run, tiny, wait_until
 
 import vae_helpers as v
 import vae_helpers.__main__ as cli
@@ -88,8 +89,9 @@ def test_command_line_names_a_bad_results_folder_without_a_traceback(capsys):
     ]
 
 
-def test_the_command_lines_experiments_are_the_experiments():
-    assert cli.NAMES == tuple(sorted(v.EXPERIMENTS))
+def test_the_command_lines_experiments_and_folder_are_the_packages():
+    assert cli.NAMES == tuple(sorted(v.EXPERIMENTS))  # kept apart so that --help skips PyTorch
+    assert Path(cli.RESULTS) == v.RESULTS_DIR
 
 
 def test_help_answers_before_pytorch_is_loaded():
@@ -162,23 +164,8 @@ def test_the_command_lines_cluster_path_stores_its_cells_as_jobs_run_by_submitit
 
 
 def test_ctrl_c_stops_every_process_in_one_line_and_the_same_command_resumes(tmp_path):
-    hold = tmp_path / "hold"  # each group waits after a checkpoint while this file exists
-    hold.touch()
-    env = dict(os.environ, VAE_CHECKPOINT_SECONDS="0", VAE_HOLD_FILE=str(hold))
-    results = tmp_path / "results"
-    args = ["q4", "--epochs", "2", "--max-params", "90000", "--results", str(results), "--jobs"]
-    cmd = [sys.executable, "-m", "vae_helpers", *args, "2", "--no-progress"]
-    run = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=v.ROOT,
-        env=env,
-        start_new_session=True,
-    )
+    run, results, hold = held_run(tmp_path)
     try:
-        wait_until(lambda: len(list((results / "checkpoints").glob("*.json"))) == 2, "both groups")
         os.killpg(run.pid, signal.SIGINT)  # as the terminal does: to every process of the job
         out, err = run.communicate(timeout=600)
     finally:
@@ -188,7 +175,7 @@ def test_ctrl_c_stops_every_process_in_one_line_and_the_same_command_resumes(tmp
     lines = [line for line in err.splitlines() if line.strip()]
     assert run.returncode == 1 and "Traceback" not in err, err
     assert len(lines) == 1 and "the same command resumes" in lines[0], err
-    again = run_cli(*args, "1", "--no-progress")
+    again = run_cli(*HELD_ARGS, "--results", str(results), "--jobs", "1", "--no-progress")
     assert again.returncode == 0 and "resuming h=5 l=5,10,100,300 after epoch 1" in again.stderr
     assert not list((results / "checkpoints").glob("*"))  # checkpoints and locks are gone
 

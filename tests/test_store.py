@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny, wait_until
+from conftest import held_run, tiny, wait_until
 
 import vae_helpers as v
 
@@ -452,40 +452,20 @@ def alive(pid):
     return (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1][0] != "Z"
 
 
+def worker_pids(pid):
+    """The worker processes of a parent (multiprocessing's resource tracker left out)."""
+    return [
+        p
+        for p in child_processes(pid)
+        if "resource_tracker" not in (Path("/proc") / str(p) / "cmdline").read_text()
+    ]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_workers_stop_when_their_parent_is_stopped_or_killed(tmp_path, stop):
-    import subprocess
-    import sys
-
-    hold = tmp_path / "hold"  # each group waits after its first checkpoint while this exists
-    hold.touch()
-    env = dict(os.environ, VAE_CHECKPOINT_SECONDS="0", VAE_HOLD_FILE=str(hold))
-    results = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vae_helpers",
-        "q4",
-        "--epochs",
-        "2",
-        "--max-params",
-        "90000",
-        "--results",
-        str(results),
-        "--jobs",
-        "2",
-        "--no-progress",
-    ]
-    parent = subprocess.Popen(
-        cmd, env=env, cwd=v.ROOT, start_new_session=True, stderr=subprocess.PIPE, text=True
-    )
+    parent, _, hold = held_run(tmp_path)
     try:
-        wait_until(lambda: len(list((results / "checkpoints").glob("*.json"))) == 2, "both groups")
-        workers = [
-            p
-            for p in child_processes(parent.pid)
-            if "resource_tracker" not in (Path("/proc") / str(p) / "cmdline").read_text()
-        ]
+        workers = worker_pids(parent.pid)
         assert len(workers) == 2
         parent.send_signal(stop)  # to the parent alone, as Jupyter's interrupt or a kill does
         parent.wait(timeout=600)
@@ -500,44 +480,9 @@ def test_workers_stop_when_their_parent_is_stopped_or_killed(tmp_path, stop):
 def test_a_worker_lost_while_another_finishes_its_work_costs_one_line_and_the_table_is_written(
     tmp_path,
 ):
-    import subprocess
-    import sys
-
-    hold = tmp_path / "hold"
-    hold.touch()
-    env = dict(os.environ, VAE_CHECKPOINT_SECONDS="0", VAE_HOLD_FILE=str(hold))
-    results = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vae_helpers",
-        "q4",
-        "--epochs",
-        "2",
-        "--max-params",
-        "90000",
-        "--results",
-        str(results),
-        "--jobs",
-        "2",
-        "--no-progress",
-    ]
-    parent = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=v.ROOT,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    parent, results, hold = held_run(tmp_path)
     try:
-        wait_until(lambda: len(list((results / "checkpoints").glob("*.json"))) == 2, "both groups")
-        workers = [
-            p
-            for p in child_processes(parent.pid)
-            if "resource_tracker" not in (Path("/proc") / str(p) / "cmdline").read_text()
-        ]
+        workers = worker_pids(parent.pid)
         os.kill(workers[0], signal.SIGKILL)
         wait_until(lambda: not alive(workers[0]), "the killed worker to go")
     finally:

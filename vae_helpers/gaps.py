@@ -11,7 +11,7 @@ import torch
 
 from .analysis import GAUSS_CONST, log_weights, trained_model
 from .data import load_data
-from .model import kl_to_prior, label
+from .model import label, vfe_terms
 from .store import RESULTS_DIR, atomic_save, save_csv
 
 # Where the bound's looseness lives (Cremer, Li and Duvenaud 2018): VFE(encoder) - VFE(q*) is
@@ -28,8 +28,8 @@ def gaussian_vfe(model, x, mean, log_var, eps):
     """Each image's VFE under q(z|x) = N(mean, exp(log_var)), averaged over the draws eps (S, n,
     l)."""
     z = mean + torch.exp(0.5 * log_var) * eps
-    rec = (torch.sigmoid(model.decoder(z)) - x).pow(2).sum(-1).mean(0)
-    return rec + kl_to_prior(mean, log_var).sum(-1)
+    rec, kl = vfe_terms(model.decoder(z), x, mean, log_var)
+    return rec.mean(0) + kl
 
 
 def fit_posterior(

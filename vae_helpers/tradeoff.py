@@ -165,53 +165,35 @@ def bias_variance_curves(table, axes, n=1_000):
     """Three panels against parameters, final epoch solid and best-validation epoch dashed, error
     bars the jackknife standard errors over the training sets: bias^2 and their sum; the variance
     and the seed's part of it; the test VFE across training sets (sd)."""
-    errs = dict(capsize=3, ms=5)
+    # (panel, column, its error, marker, colour, label): the error bars of each epoch
+    bars = [
+        (0, "total", "total_jse", "o", "C0", "bias² + variance, {when}"),
+        (0, "bias2", "bias2_jse", "s", "C1", "bias², {when}"),
+        (1, "variance", "variance_jse", "o", "C2", "variance over {sets} training sets, {when}"),
+        (2, "test_vfe", "test_vfe_sd", "o", "C3", "test VFE at the {when}"),
+    ]
     for which, ls in (("final", "-"), ("best_val", "--")):
         t = table[table.epoch == which].sort_values("n_params")
         when = "final epoch" if which == "final" else "best-validation epoch"
-        axes[0].errorbar(
-            t.n_params,
-            t.total,
-            t.total_jse,
-            fmt="o" + ls,
-            color="C0",
-            label=f"bias² + variance, {when}",
-            **errs,
-        )
-        axes[0].errorbar(
-            t.n_params,
-            t.bias2,
-            t.bias2_jse,
-            fmt="s" + ls,
-            color="C1",
-            label=f"bias², {when}",
-            **errs,
-        )
-        axes[1].errorbar(
-            t.n_params,
-            t.variance,
-            t.variance_jse,
-            fmt="o" + ls,
-            color="C2",
-            label=f"variance over {t.sets.max()} training sets, {when}",
-            **errs,
-        )
-        axes[1].plot(
-            t.n_params,
-            t.variance_seed,
-            "^" + ls,
-            color="C4",
-            label=f"variance over {t.seeds.max()} seeds on one set, {when}",
-        )
-        axes[2].errorbar(
-            t.n_params,
-            t.test_vfe,
-            t.test_vfe_sd,
-            fmt="o" + ls,
-            color="C3",
-            label=f"test VFE at the {when}",
-            **errs,
-        )
+        for panel, col, err, marker, colour, text in bars:
+            axes[panel].errorbar(
+                t.n_params,
+                t[col],
+                t[err],
+                fmt=marker + ls,
+                color=colour,
+                label=text.format(when=when, sets=t.sets.max()),
+                capsize=3,
+                ms=5,
+            )
+            if col == "variance":  # the seed's part beside it, in the same panel
+                axes[1].plot(
+                    t.n_params,
+                    t.variance_seed,
+                    "^" + ls,
+                    color="C4",
+                    label=f"variance over {t.seeds.max()} seeds on one set, {when}",
+                )
     t = table[table.epoch == "final"].sort_values("n_params")
     axes[2].plot(
         t.n_params,
