@@ -89,6 +89,15 @@ def test_command_line_names_a_bad_results_folder_without_a_traceback(capsys):
     ]
 
 
+def test_a_blank_results_folder_from_the_environment_is_refused_naming_the_variable(
+    monkeypatch, capsys
+):
+    monkeypatch.setattr(cli, "RESULTS", Path("  "))  # as VAE_RESULTS_DIR="  " makes it
+    with pytest.raises(SystemExit):
+        cli.main(["q4", "--no-progress"])
+    assert "error: VAE_RESULTS_DIR is empty" in capsys.readouterr().err
+
+
 def test_the_command_lines_experiments_and_folder_are_the_packages():
     assert cli.NAMES == tuple(sorted(v.EXPERIMENTS))  # kept apart so that --help skips PyTorch
     assert Path(cli.RESULTS) == v.RESULTS_DIR
@@ -118,6 +127,10 @@ def test_help_answers_before_pytorch_is_loaded():
         (["--epochs", "two"], "--epochs: 'two' is not a whole number"),
         (["--jobs", "0"], "--jobs: must be at least 1, got 0"),
         (["--gpus", "-1", "--slurm-local"], "--gpus: must be at least 0, got -1"),
+        (["--epochs", "18446744073709551616"], "--epochs: must be at most 100,000"),
+        (["--gpus", "9" * 30, "--slurm-local"], "--gpus: must be at most 64"),
+        (["--hours", "1e308", "--slurm-local"], "--hours: must be a positive number of hours"),
+        (["--partition", "gpu\nrm -rf ~", "--slurm-local"], "is not a Slurm partition's name"),
     ],
 )
 def test_an_option_that_makes_no_sense_is_refused_in_one_line_before_anything_is_written(
@@ -129,6 +142,23 @@ def test_an_option_that_makes_no_sense_is_refused_in_one_line_before_anything_is
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and says in err
     assert not results.exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 31360000"),
+    ],
+)
+def test_running_out_of_memory_ends_in_one_error_line(tmp_path, monkeypatch, error):
+    def out_of_memory(*args):
+        raise error
+
+    monkeypatch.setattr(cli, "run_command", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["q4", "--results", str(tmp_path)])
+    assert str(stop.value.code).startswith("error: out of memory (") and "\n" not in stop.value.code
 
 
 def test_slurm_without_sbatch_is_refused_and_offers_the_local_ways(tmp_path, monkeypatch, capsys):
@@ -207,3 +237,57 @@ def test_make_lab_lets_root_run_jupyterlab_and_passes_the_users_arguments():
     out = subprocess.run(args, cwd=v.ROOT, capture_output=True, text=True).stdout
     (lab,) = [line for line in out.splitlines() if "jupyter lab" in line]
     assert "--allow-root)" in lab and lab.endswith("--port 8890 --no-browser")
+
+
+def repository_results():
+    """What the repository's results/ holds (each file's hash), but the checkpoints of any
+    training that is running there."""
+    import hashlib
+
+    root = v.ROOT / "results"
+    return {
+        p: hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).parts[0] != "checkpoints"
+    }
+
+
+def test_each_analysis_command_writes_only_under_its_results_folder(tmp_path, monkeypatch, capsys):
+    q4 = [tiny(), tiny(hidden=30)]
+    runs = [dict(train_offset=300 * k, seed=k) for k in range(3)] + [dict(seed=s) for s in (1, 2)]
+    split = [tiny(val_size=500, recon_images=20, **run) for run in runs]
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: q4)
+    monkeypatch.setitem(v.EXPERIMENTS, "q7_bias_variance", lambda: split)
+    monkeypatch.setattr(v.analysis, "BOUND", dict(images=20, ks=(1, 10), seed=0))
+    quick = dict(draws=2, lr=0.02, every=5, tol=100.0, max_steps=10, check=4)
+    monkeypatch.setattr(
+        v.gaps, "GAP_RUNS", [(q4[0], "test", quick, 20), (split[0], "train", quick, 10)]
+    )
+    monkeypatch.setattr(v.gaps, "GAP_ESTIMATES", dict(k=20, draws=5, seed=0))
+    results = tmp_path / "results"
+    v.run_cells(q4 + split, results, progress=False)
+    before = repository_results()
+    for name in cli.ANALYSES:
+        cli.main([name, "--results", str(results)])
+        assert f"{name}: " in capsys.readouterr().out and (results / f"{name}.csv").exists()
+    assert repository_results() == before
+    made = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    for name in cli.ANALYSES:  # each resumes: with nothing left to do, nothing is written
+        cli.main([name, "--results", str(results)])
+    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == made
+
+
+def test_an_analysis_refuses_the_training_options_in_one_line_before_pytorch_loads(tmp_path):
+    code = (
+        "import sys, vae_helpers.__main__ as cli\n"
+        f"try:\n    cli.main(['gaps', '--epochs', '2', '--results', {str(tmp_path)!r}])\n"
+        "except SystemExit as stop:\n    print('exit', stop.code)\n"
+        "print('torch loaded:', 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.splitlines() == ["exit 2", "torch loaded: False"]
+    assert out.stderr.splitlines() == [
+        "python -m vae_helpers: error: --epochs only apply to training; gaps reads stored models "
+        "(see --help)"
+    ]
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,13 @@ from conftest import held_run, tiny, wait_until
 import vae_helpers as v
 
 
+def store_folder(path):
+    """A results folder marked as the store's, as one that it made is."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / v.MARK).touch()
+    return path
+
+
 def test_two_writers_of_one_path_never_share_a_temporary_file(tmp_path):
     import threading
 
@@ -90,6 +97,7 @@ def test_a_cell_diverging_in_its_first_epoch_is_reported_and_its_group_mates_are
 def test_a_corrupt_checkpoint_is_set_aside_with_a_warning_and_the_group_retrained(
     tmp_path, monkeypatch, damage
 ):
+    store_folder(tmp_path)
     monkeypatch.setattr(v.stacked, "CHECKPOINT_SECONDS", 0)
     cell = tiny(epochs=2)
     clean = v.run_cells([cell], tmp_path / "clean", progress=False)[0]
@@ -133,7 +141,12 @@ def test_a_checkpoint_that_no_group_needs_any_more_is_removed(tmp_path, monkeypa
 
 @pytest.mark.parametrize(
     "folder, error",
-    [("file", NotADirectoryError), ("", ValueError), ("/proc/vae-results", PermissionError)],
+    [
+        ("file", NotADirectoryError),
+        ("", ValueError),
+        ("/proc/vae-results", PermissionError),
+        ("weights", NotADirectoryError),  # a file where the store keeps its folder
+    ],
 )
 def test_a_results_folder_that_cannot_take_files_is_refused_before_any_training(
     tmp_path, monkeypatch, folder, error
@@ -144,6 +157,9 @@ def test_a_results_folder_that_cannot_take_files_is_refused_before_any_training(
     if folder == "file":
         folder = tmp_path / "file"
         folder.write_text("")
+    if folder == "weights":
+        folder = store_folder(tmp_path)
+        (folder / "weights").write_text("")
     with pytest.raises(error, match="folder"):
         v.run_cells([tiny()], folder, progress=False)
 
@@ -214,6 +230,7 @@ def test_a_folder_where_a_record_should_be_is_corrupt(tmp_path):
 
 
 def test_leftover_temporary_files_of_dead_writers_are_removed_when_a_run_starts(tmp_path):
+    store_folder(tmp_path)
     import subprocess
 
     dead = subprocess.Popen(["true"])
@@ -229,12 +246,14 @@ def test_leftover_temporary_files_of_dead_writers_are_removed_when_a_run_starts(
 
 
 def test_temporary_files_that_are_not_the_stores_own_are_left_alone(tmp_path):
+    store_folder(tmp_path)
     import subprocess
 
     dead = subprocess.Popen(["true"])
     dead.wait()
     others = [
         "notes.tmp",
+        f"cells/notes~{v.HOST}~99999999999999999999~deadbeef.tmp",  # no process id
         "cells/b.pt.tmp",
         "project/build/report.tmp",
         ".cache/x.tmp",
@@ -273,6 +292,7 @@ def child_processes(pid):
 def test_a_slurm_job_preempted_after_a_checkpoint_is_requeued_and_resumes_from_it(
     tmp_path, monkeypatch
 ):
+    store_folder(tmp_path)
     hold = tmp_path / "hold"  # the job waits after each checkpoint while this file exists
     hold.touch()
     monkeypatch.setenv("VAE_CHECKPOINT_SECONDS", "0")  # the job's process reads both
@@ -327,14 +347,60 @@ def test_progress_written_to_a_file_is_a_few_lines_not_one_per_batch(capsys, mon
     assert "epoch 1" not in " ".join(lines) and len(lines) <= 4  # the epoch bar's start and end
 
 
-def test_every_committed_record_is_found_under_its_own_settings():
-    paths = sorted(v.RESULTS_DIR.glob("**/cells/*.json"))
+def test_every_committed_record_is_found_under_its_own_settings_and_device():
+    paths = sorted(v.RESULTS_DIR.glob("**/cells/**/*.json"))
     assert len(paths) > 125
     for path in paths:
-        s = json.loads(path.read_text())["settings"]
+        rec = json.loads(path.read_text())
+        s, twin = rec["settings"], path.parent.name != "cells"
         rest = {k: x for k, x in s.items() if k not in ("hidden", "latent")}
         assert v.cell_settings(s["hidden"], s["latent"], **rest) == s, path.name
-        assert v.cell_path(s, path.parent.parent) == path
+        root = path.parents[2] if twin else path.parents[1]
+        assert v.cell_path(dict(s, device=rec["device"].split(":")[0]), root) == path
+        assert twin or v.cell_path(s, root) == path
+
+
+# A cell trained on the GPU whose CPU twin is committed too (the device is not a setting).
+TWINNED = "fashion-mnist-h2000-l10-wd0-e30-s0-ef0f716471.json"
+
+
+def twinned_record(tmp_path, device):
+    """The twinned cell's settings, with its record written into tmp_path as if from `device`."""
+    rec = json.loads((v.RESULTS_DIR / "cells" / TWINNED).read_text())
+    s = v.cell_settings(**rec["settings"])
+    (tmp_path / "cells").mkdir()
+    v.write_json(dict(rec, device=device), v.cell_path(s, tmp_path))
+    return s
+
+
+def test_a_cell_pinned_to_a_device_reads_its_twin_where_another_device_took_its_name(tmp_path):
+    s = twinned_record(tmp_path, "cuda")
+    pinned = dict(s, device="cpu")
+    twin = tmp_path / "cells" / "cpu" / TWINNED
+    assert v.cell_path(pinned, tmp_path) == twin
+    assert v.stored_and_missing([pinned], tmp_path) == ([], [pinned])
+    twin.parent.mkdir()
+    v.write_json(dict(json.loads(v.cell_path(s, tmp_path).read_text()), device="cpu"), twin)
+    assert v.stored_and_missing([pinned], tmp_path)[0][0]["device"] == "cpu"
+    assert v.stored_and_missing([s], tmp_path)[0][0]["device"] == "cuda"
+    assert v.stored_and_missing([dict(s, device="cuda")], tmp_path)[0][0]["device"] == "cuda"
+
+
+def test_a_record_from_another_device_than_the_pinned_one_is_refused(tmp_path):
+    s = twinned_record(tmp_path, "cuda")
+    twin = tmp_path / "cells" / "cpu" / TWINNED
+    twin.parent.mkdir()
+    v.cell_path(s, tmp_path).rename(twin)  # a GPU record where the CPU twin belongs
+    with pytest.raises(v.ResultsError, match="trained on cuda, not on cpu"):
+        v.load_cell(twin, dict(s, device="cpu"))
+
+
+def test_a_pinned_cell_trains_on_its_device_and_its_record_does_not_name_the_pin(tmp_path):
+    pinned = tiny(device="cpu")
+    (rec,) = v.run_cells([pinned], tmp_path, progress=False)
+    assert rec["device"] == "cpu" and "device" not in rec["settings"]
+    assert v.cell_path(pinned, tmp_path) == v.cell_path(tiny(), tmp_path)
+    assert v.weights_path(pinned, tmp_path).exists()
 
 
 class Planted:
@@ -348,6 +414,7 @@ class Planted:
 
 
 def test_a_planted_checkpoint_runs_no_code_and_is_set_aside(tmp_path):
+    store_folder(tmp_path)
     marker, cell = tmp_path / "ran", tiny()
     checkpoint = v.checkpoint_path([cell], tmp_path)
     checkpoint.parent.mkdir(parents=True)
@@ -364,6 +431,7 @@ def test_a_planted_checkpoint_runs_no_code_and_is_set_aside(tmp_path):
     ['{"cells": "abc"}', '{"cells": [1]}', '{"other": []}', '{"cells": [{"hidden": 5}]}', "[1]"],
 )
 def test_a_malformed_checkpoint_sidecar_is_set_aside_and_the_run_goes_on(tmp_path, sidecar):
+    store_folder(tmp_path)
     side = tmp_path / "checkpoints" / "0123456789abcdef.json"
     side.parent.mkdir(parents=True)
     side.write_text(sidecar)
@@ -374,6 +442,7 @@ def test_a_malformed_checkpoint_sidecar_is_set_aside_and_the_run_goes_on(tmp_pat
 
 
 def test_a_checkpointed_group_stores_only_the_cells_asked_for(tmp_path, monkeypatch):
+    store_folder(tmp_path)
     monkeypatch.setattr(v.stacked, "CHECKPOINT_SECONDS", 0)
     asked, extra = tiny(latent=2, epochs=2), tiny(latent=3, epochs=2)
     side = v.checkpoint_path([asked, extra], tmp_path).with_suffix(".json")
@@ -384,6 +453,7 @@ def test_a_checkpointed_group_stores_only_the_cells_asked_for(tmp_path, monkeypa
 
 
 def test_two_runs_sharing_a_cell_train_it_once_and_both_read_the_claimants_record(tmp_path):
+    store_folder(tmp_path)
     import subprocess
     import sys
 
@@ -491,3 +561,129 @@ def test_a_worker_lost_while_another_finishes_its_work_costs_one_line_and_the_ta
     assert parent.returncode == 0, err
     assert "1 of 2 workers were lost (signal 9); the others stored every cell" in err
     assert "Traceback" not in err and (results / "q4_e2.csv").exists() and "q4_e2 (6 cells)" in out
+
+
+def test_the_writability_probe_follows_no_link_planted_where_it_writes(tmp_path):
+    precious, results = tmp_path / "precious.txt", store_folder(tmp_path / "results")
+    precious.write_text("someone's work")
+    (results / f".probe~{v.HOST}~{os.getpid()}").symlink_to(precious)  # the probe's old name
+    v.writable_results(results)
+    assert precious.read_text() == "someone's work"
+
+
+THEIRS = {  # another project's files, found where --results points
+    "checkpoints/config.json": '{"lr": 1}',
+    "checkpoints/trainer_state.json": '{"step": 5}',
+    "checkpoints/run.lock": "1234",
+    "checkpoints/model.pt.lock": "99",
+}
+
+
+def plant_theirs(folder):
+    for name, text in THEIRS.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def test_a_folder_of_other_files_without_the_stores_mark_is_refused_and_left_as_it_is(tmp_path):
+    plant_theirs(tmp_path)
+    with pytest.raises(v.ResultsError, match="not a results folder of this package"):
+        v.run_cells([tiny()], tmp_path, progress=False)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {str(p.relative_to(tmp_path)): p.read_text() for p in files} == THEIRS
+
+
+def test_files_the_store_did_not_write_are_neither_renamed_nor_deleted_in_its_folder(tmp_path):
+    plant_theirs(store_folder(tmp_path))
+    v.run_cells([tiny()], tmp_path, progress=False)
+    assert {k: (tmp_path / k).read_text() for k in THEIRS if (tmp_path / k).exists()} == THEIRS
+
+
+@pytest.mark.parametrize("folder", ["new", "empty", "records from before the mark"])
+def test_a_new_or_empty_folder_is_marked_and_one_with_records_is_the_stores(tmp_path, folder):
+    results = tmp_path / "results"
+    if folder != "new":
+        results.mkdir()
+    if folder == "records from before the mark":
+        (results / "cells").mkdir()
+        (results / "cells" / "old.json").write_text("{}")
+    v.writable_results(results)
+    assert (results / v.MARK).exists() == (folder != "records from before the mark")
+
+
+def test_the_slurm_folder_is_private_and_one_that_others_can_write_to_is_refused(tmp_path):
+    slurm = tmp_path / "slurm"
+    with pytest.warns(RuntimeWarning, match="No submission"):  # nothing to train
+        v.submit_slurm([], tmp_path, local=True)
+    assert slurm.stat().st_mode & 0o777 == 0o700
+    slurm.chmod(0o777)
+    with pytest.raises(v.ResultsError, match="chmod 700"):
+        v.submit_slurm([], tmp_path, local=True)
+
+
+def test_slurm_refuses_a_results_folder_that_others_can_rename_its_folder_in(tmp_path):
+    results = store_folder(tmp_path / "results")
+    results.chmod(0o777)  # no sticky bit: anyone may swap slurm/ for a folder of their own
+    with pytest.raises(v.ResultsError, match="chmod 700"):
+        v.submit_slurm([], results, local=True)
+    assert not (results / "slurm").exists()
+
+
+@pytest.mark.parametrize("planted", ["link", "fifo"])
+def test_a_link_or_fifo_where_a_lock_belongs_is_an_error_naming_it(tmp_path, planted):
+    lock = store_folder(tmp_path / "results") / "checkpoints" / "0123456789abcdef.lock"
+    lock.parent.mkdir()
+    if planted == "link":
+        lock.symlink_to(tmp_path / "outside")
+    else:
+        os.mkfifo(lock)  # an open for writing would wait for a reader for ever
+    with pytest.raises(v.ResultsError, match=f"{lock.name} is a (symbolic link|FIFO)"):
+        with v.group_lock(lock.with_suffix(".pt")):
+            pass
+    assert not (tmp_path / "outside").exists()
+
+
+def test_a_run_waiting_for_a_group_another_command_holds_says_so_once_and_who(
+    tmp_path, monkeypatch, capsys
+):
+    import fcntl
+    import threading
+
+    cell, polls = tiny(), []
+    lock = v.checkpoint_path([cell], store_folder(tmp_path)).with_suffix(".lock")
+    lock.parent.mkdir()
+    monkeypatch.setattr(v.runner, "WAIT_SECONDS", 0.01)
+    real = v.runner.planned_groups
+    monkeypatch.setattr(v.runner, "planned_groups", lambda *a: polls.append(1) or real(*a))
+    with open(lock, "w") as f:
+        f.write("otherhost 4242")  # as the other command's group_lock writes it
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        run = threading.Thread(target=v.run_cells, args=([cell], tmp_path, False))
+        run.start()
+        wait_until(lambda: len(polls) > 5, "the run to look at the group a few times")
+    run.join()
+    said = [line for line in capsys.readouterr().err.splitlines() if "waiting" in line]
+    assert len(said) == 1 and "process 4242 on otherhost" in said[0] and lock.name in said[0]
+    assert v.cell_path(cell, tmp_path).exists()
+
+
+def test_a_file_size_limit_is_said_so_rather_than_a_full_disk(tmp_path):
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, before[1]))  # as `ulimit -f` sets it
+    try:
+        with pytest.raises(OSError, match="x.pt could not be written: .* file-size limit"):
+            v.atomic_save({"w": torch.zeros(10_000)}, tmp_path / "x.pt", torch.save)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", ""])
+def test_a_checkpoint_interval_that_is_no_number_of_seconds_is_refused_naming_it(
+    monkeypatch, value
+):
+    monkeypatch.setenv("VAE_CHECKPOINT_SECONDS", value)
+    with pytest.raises(ValueError, match=f"VAE_CHECKPOINT_SECONDS='{value}' is not a number"):
+        v.stacked.seconds_from("VAE_CHECKPOINT_SECONDS", 60)

@@ -4,29 +4,38 @@ once, and before anything is trained or written."""
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
+if not __package__:  # run as a file: the package's relative imports cannot work
+    sys.exit(f"run it as a module, from any folder: python -m vae_helpers {' '.join(sys.argv[1:])}")
+
 # The experiments' names (experiments.EXPERIMENTS; a test checks that the two agree).
 NAMES = ("bf16_check", "q4", "q5", "q6", "q6_sweep", "q7", "q7_bias_variance", "q7_data")
-NAMES += ("q7_data_lr_scale", "q7_lr_scale", "recon", "seeds")
+NAMES += ("q7_data_lr_scale", "q7_lr_scale", "q7_scaled", "recon", "seeds")
+# The analyses: each reads stored models and writes <results>/<name>.csv (and .npz), through one
+# cache (store.cached_table), so that the same command resumes and recomputes only what changed.
+ANALYSES = ("bias_variance", "bound", "gaps")
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 RESULTS = Path(
     os.environ.get("VAE_RESULTS_DIR") or Path(__file__).resolve().parent.parent / "results"
 )
 
 
-def count(low):
-    """An argparse type: an integer of at least `low`."""
+def count(low, high=None):
+    """An argparse type: an integer of at least `low` (and at most `high`)."""
 
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            raise argparse.ArgumentTypeError(f"{text[:30]!r} is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:,}, got {text[:30]}")
         return value
 
     return parse
@@ -37,9 +46,19 @@ def hours(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of hours, got {text}")
+    if not 0 < value <= 8760:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of hours, at most 8760 (a year), got {text[:30]}"
+        )
     return value
+
+
+def partition(text):
+    """A Slurm partition's name (or a comma-separated list): no space or line break, which would
+    reach the job's script."""
+    if not re.fullmatch(r"[\w.,-]+", text):
+        raise argparse.ArgumentTypeError(f"{text[:30]!r} is not a Slurm partition's name")
+    return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,7 +73,12 @@ def parser():
         "resuming any stopped ones, then print its table. Ctrl-C stops it; the same command "
         "resumes.",
     )
-    p.add_argument("experiment", choices=NAMES + ("all",))
+    p.add_argument(
+        "experiment",
+        choices=NAMES + ("all",) + ANALYSES,
+        help="an experiment to train, or all; or an analysis of the stored models "
+        f"({', '.join(ANALYSES)}) that writes <results>/<name>.csv, computing what it lacks",
+    )
     p.add_argument(
         "--results",
         default=str(RESULTS),
@@ -63,16 +87,18 @@ def parser():
     )
     p.add_argument(
         "--epochs",
-        type=count(1),
+        type=count(1, 100_000),
         help="train every cell this many epochs instead of "
         "the experiment's own protocol; the table goes to <results>/<name>_e<N>.csv",
     )
     p.add_argument(
-        "--max-params", type=count(1), help="train only the cells of at most this many parameters"
+        "--max-params",
+        type=count(1, 10**12),
+        help="train only the cells of at most this many parameters",
     )
     p.add_argument(
         "--min-params",
-        type=count(0),
+        type=count(0, 10**12),
         default=0,
         help="train only the cells of at least this many parameters",
     )
@@ -98,14 +124,14 @@ def parser():
         "processes on this machine by submitit's local executor: a trial of the "
         "cluster path without a cluster",
     )
-    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--partition", type=partition, help="Slurm partition")
     slurm.add_argument(
         "--hours",
         type=hours,
         help="time limit per job (default 4); a job "
         "stopped by it is requeued and resumes from its checkpoint",
     )
-    slurm.add_argument("--gpus", type=count(0), help="GPUs per job (default 0)")
+    slurm.add_argument("--gpus", type=count(0, 64), help="GPUs per job (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -125,19 +151,32 @@ def checked(p, args):
     if args.max_params is not None and args.min_params > args.max_params:
         p.error(f"--min-params {args.min_params:,} is above --max-params {args.max_params:,}")
     if not str(args.results).strip():
-        p.error("--results is empty; name a folder (default: results/)")
+        given = "--results" if args.results != str(RESULTS) else "VAE_RESULTS_DIR"
+        p.error(f"{given} is empty; name a folder (default: results/)")
+    if re.search(r"[\x00-\x1f\x7f]", str(args.results)):  # it reaches Slurm's job script
+        p.error(f"--results {str(args.results)[:60]!r} holds a line break or control character")
     return args
 
 
 def main(argv=None):
     p = parser()
     args = checked(p, p.parse_args(argv))
+    if args.experiment in ANALYSES:
+        analysis_checked(p, args)
     names = list(NAMES) if args.experiment == "all" else [args.experiment]
-    from .store import ResultsError  # PyTorch loads here, once the arguments are known to be good
+    try:  # PyTorch loads here, once the arguments are known to be good
+        from .store import ResultsError
+    except ImportError as err:  # also a memory limit (ulimit -v) too small to map its libraries
+        sys.exit(
+            f"error: PyTorch could not be loaded ({err}); under a memory limit (ulimit -v) allow "
+            "it more, else set up .venv again with make"
+        )
 
     try:
-        run_command(args, names, p)
+        run_analysis(args) if args.experiment in ANALYSES else run_command(args, names, p)
     except KeyboardInterrupt:
+        if args.experiment in ANALYSES:
+            sys.exit("\ninterrupted: each part finished so far is stored; the same command resumes")
         sys.exit(
             "\ninterrupted: every cell finished so far is stored, and each group in "
             "training keeps its last checkpoint (at most its epoch in progress is lost); "
@@ -145,6 +184,33 @@ def main(argv=None):
         )
     except (ValueError, OSError, ResultsError) as err:  # bad input or a bad results folder
         sys.exit(f"error: {err}")
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "memory" not in str(err):
+            raise
+        why = str(err).rpartition("Allocator: ")[2][:100] or "MemoryError"
+        sys.exit(
+            f"error: out of memory ({why}); free memory or raise the limit (ulimit -v), or train "
+            "fewer cells at once (--jobs 1, --max-params); the same command resumes"
+        )
+
+
+def analysis_checked(p, args):
+    """An analysis reads stored models: the options that choose what to train, or where, refused."""
+    unset = dict(epochs=None, max_params=None, min_params=0, slurm=False, slurm_local=False)
+    unset.update(partition=None, hours=None, gpus=None)
+    given = [f"--{k.replace('_', '-')}" for k, x in unset.items() if getattr(args, k) != x]
+    if given:
+        p.error(f"{', '.join(given)} only apply to training; {args.experiment} reads stored models")
+
+
+def run_analysis(args):
+    from . import analysis, gaps, tradeoff
+
+    make = dict(
+        bias_variance=tradeoff.make_bias_variance, bound=analysis.make_bound, gaps=gaps.make_gaps
+    )[args.experiment]
+    table = make(args.results)
+    print(f"{args.experiment}: {len(table)} rows in {Path(args.results) / args.experiment}.csv")
 
 
 def run_command(args, names, p):

@@ -4,6 +4,7 @@ through their locks, or as Slurm jobs (submitit) that resume from their checkpoi
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -14,12 +15,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import stacked
+from . import stacked, store
 from .model import label
 from .settings import cell_settings
 from .stacked import groups, train_group, without_latent
 from .store import (
+    OWN_NAME,
     RESULTS_DIR,
+    ResultsError,
     atomic_save,
     cell_path,
     checkpoint_path,
@@ -42,10 +45,11 @@ WAIT_SECONDS = 5  # how often a worker looks again for groups that others are tr
 def planned_groups(pending, results_dir):
     """The groups to train for the pending cells: first each checkpointed group that still lacks a
     cell (resumed as it was), then new groups of the rest. A checkpoint that no pending cell needs
-    is removed when its group is not being trained; a malformed sidecar is set aside."""
+    is removed when its group is not being trained; a malformed sidecar is set aside. Only the
+    store's own names are read: another's file is left as it is."""
     plans, covered = [], []
     for side in sorted((Path(results_dir) / "checkpoints").glob("*.json")):
-        group = sidecar_cells(side)
+        group = sidecar_cells(side) if OWN_NAME.match(side.name) else None
         if group is None:
             continue
         still = [s for s in group if s in pending and s not in covered]
@@ -53,7 +57,7 @@ def planned_groups(pending, results_dir):
             plans.append(group)
             covered += still
         elif not any(s in pending for s in group):
-            with group_lock(side.with_suffix(".pt")) as lock:
+            with group_lock(side.with_suffix(".pt"), say=False) as lock:
                 if lock is not None and all(cell_path(s, results_dir).exists() for s in group):
                     side.with_suffix(".pt").unlink(missing_ok=True)
                     side.unlink(missing_ok=True)
@@ -64,6 +68,8 @@ def sidecar_cells(side):
     """The cells a checkpoint's sidecar names, each a cell's full settings, all of one group; or
     None, with the sidecar set aside and a warning, when it is not that."""
     try:
+        if not side.is_file():  # a FIFO would hang the read
+            raise TypeError("it is not a plain file")
         cells = json.loads(side.read_text())["cells"]
         if not isinstance(cells, list) or not cells:
             raise TypeError("its cells are not a list of cells")
@@ -75,7 +81,7 @@ def sidecar_cells(side):
         return cells
     except FileNotFoundError:
         return None  # removed by the process that finished its group
-    except (ValueError, KeyError, TypeError, OSError) as err:
+    except (ValueError, KeyError, TypeError, OSError, RecursionError) as err:
         aside = side.with_name(f"{side.name}.malformed-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(side, aside)
         warnings.warn(
@@ -123,6 +129,9 @@ def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
     """Records for every cell: stored ones reused, the rest trained in groups and stored at once.
     Safe with other processes on the same folder: each group is trained by the one that locks it.
     With `jobs` > 1, that many single-threaded worker processes share the groups."""
+    for s in cells:  # a hand-made dict is checked as cell_settings checks it, before any work
+        if cell_settings(**s) != s:
+            raise ValueError(f"{s} is not a cell's full settings; make it with cell_settings")
     _, pending = stored_and_missing(cells, results_dir)
     if not pending:  # reading needs no write access
         return [load_cell(cell_path(s, results_dir), s) for s in cells]
@@ -173,8 +182,16 @@ def worker(cells, results_dir, threads, row=0, progress=False):
     if os.getppid() == 1:  # the parent died before the line above
         return
     stacked.PROGRESS_ROW = row  # this worker's progress bars go below the others'
+    store.SAY_WAITING = row == 1  # the first worker says what the command waits for
     torch.set_num_threads(threads)
-    run_cells(cells, results_dir, progress=progress)
+    try:
+        run_cells(cells, results_dir, progress=progress)
+    except (OSError, ValueError, ResultsError, MemoryError) as err:  # one line, as the command's
+        sys.exit(f"error: {err}")
+    except RuntimeError as err:
+        if "memory" not in str(err):
+            raise
+        sys.exit(f"error: out of memory ({str(err).rpartition('Allocator: ')[2][:100]})")
 
 
 def stop_worker(signum, frame):
@@ -216,8 +233,8 @@ def run_workers(cells, results_dir, jobs, progress):
     if lost:
         how = ", ".join(f"signal {-c}" if c < 0 else f"exit code {c}" for c in lost)
         missing = [s for s in cells if not cell_path(s, results_dir).exists()]
-        if missing:
-            raise RuntimeError(
+        if missing:  # an OSError: the command says it in one line
+            raise ChildProcessError(
                 f"{len(lost)} of {jobs} workers were lost ({how}); not stored: "
                 + ", ".join(f"{label(s)} seed {s['seed']}" for s in missing)
             )
@@ -245,10 +262,11 @@ def stopped_by_sigterm():
 
 
 def remove_free_locks(results_dir):
-    """Remove the lock files of finished groups (no checkpoint left) that no process holds."""
+    """Remove the lock files of finished groups (no checkpoint left) that no process holds: the
+    store's own, by their names."""
     for path in (Path(results_dir) / "checkpoints").glob("*.lock"):
-        if not path.with_suffix(".pt").exists():
-            with group_lock(path.with_suffix(".pt")) as lock:
+        if OWN_NAME.match(path.name) and not path.with_suffix(".pt").exists():
+            with group_lock(path.with_suffix(".pt"), say=False) as lock:
                 if lock is not None and not path.with_suffix(".pt").exists():
                     path.unlink(missing_ok=True)
 
@@ -272,12 +290,13 @@ def submit_slurm(cells, results_dir=RESULTS_DIR, partition=None, hours=4.0, gpus
     import submitit
 
     results_dir = writable_results(results_dir)
+    folder = private_folder(results_dir / "slurm")
     plan = planned_groups(stored_and_missing(cells, results_dir)[1], results_dir)
     if local:
-        executor = submitit.LocalExecutor(folder=results_dir / "slurm")
+        executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=max(1, round(hours * 60)))
     else:
-        executor = submitit.AutoExecutor(folder=results_dir / "slurm", cluster="slurm")
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
         executor.update_parameters(
             slurm_partition=partition,
             gpus_per_node=gpus,
@@ -288,3 +307,25 @@ def submit_slurm(cells, results_dir=RESULTS_DIR, partition=None, hours=4.0, gpus
     with executor.batch():
         jobs = [executor.submit(GroupJob(), group, str(results_dir)) for group in plan]
     return jobs
+
+
+def private_folder(path):
+    """submitit's folder, made private (mode 0700): a job un-pickles the files it finds there
+    when it starts, so whoever can write there could run code as the job's user. One that
+    others can write to, or that is not a folder of this user's own, is refused; so is one in a
+    results folder that is not this user's, or that others may rename it in (no sticky bit)."""
+    refuse_shared(path.parent, sticky_ok=True)
+    path.mkdir(mode=0o700, exist_ok=True)
+    refuse_shared(path, sticky_ok=False)
+    return path
+
+
+def refuse_shared(folder, sticky_ok):
+    st = os.stat(folder)
+    others = st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.getuid(), 0) or others:
+        raise ResultsError(
+            f"{folder} is not a folder of yours that only you can write to, and a Slurm job runs "
+            f"the pickles that submitit keeps in it; make it private (chmod 700 {folder}) or "
+            "name another results folder"
+        )

@@ -27,8 +27,16 @@ PROTOCOL = dict(
 # val_size: the VFE is also measured on the last val_size training images (held out from every
 # training set). recon_images: the posterior-mean reconstructions of the first that many test
 # images are kept at the final and the best-validation epoch (stored beside the record).
+# device pins the cell to "cpu" or "cuda": it is not a setting of the model, so it is left out of
+# the record's settings and name; it chooses which of two twins is read (store.cell_path).
 OPTIONS = dict(
-    precision="float32", eval_every=1, hh_lr_scale=1.0, train_offset=0, val_size=0, recon_images=0
+    precision="float32",
+    eval_every=1,
+    hh_lr_scale=1.0,
+    train_offset=0,
+    val_size=0,
+    recon_images=0,
+    device=None,
 )
 
 
@@ -45,6 +53,10 @@ def cell_settings(hidden, latent, **overrides):
     dataset_class(s["dataset"])
     if s["recon"] not in ("mse", "bernoulli"):
         raise ValueError(f"unknown reconstruction {s['recon']!r}; choose 'mse' or 'bernoulli'")
+    if s["device"] not in (None, "cpu", "cuda"):
+        raise ValueError(
+            f"unknown device {s['device']!r}; choose 'cpu' or 'cuda' (or leave it out)"
+        )
     if s["precision"] not in ("float32", "bfloat16"):
         raise ValueError(f"unknown precision {s['precision']!r}; choose 'float32' or 'bfloat16'")
     for key in ("epochs", "batch_size", "train_size", "eval_every"):
@@ -78,6 +90,11 @@ def cell_settings(hidden, latent, **overrides):
         if s[key] == default:
             del s[key]
     return s
+
+
+def recorded_settings(s):
+    """The settings a record stores and its name hashes: all but the device it was pinned to."""
+    return {k: v for k, v in s.items() if k != "device"}
 
 
 def checked_number(name, value, kind, low, high=None, strict=False):

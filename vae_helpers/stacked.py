@@ -35,9 +35,25 @@ from .train import (
     training_device,
 )
 
+
+def seconds_from(variable, default):
+    """A number of seconds (at least 0) from an environment variable, or `default` if unset."""
+    text = os.environ.get(variable)
+    try:
+        value = default if text is None else float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise ValueError(
+            f"the environment variable {variable}={text!r} is not a number of seconds (0 or "
+            f"more); unset it for the default, {default}"
+        )
+    return value
+
+
 # A group's checkpoint is written after an epoch when this long has passed since the last one:
 # every epoch of a slow group, without writing hundreds of MB per second on a fast GPU.
-CHECKPOINT_SECONDS = float(os.environ.get("VAE_CHECKPOINT_SECONDS", 60))
+CHECKPOINT_SECONDS = seconds_from("VAE_CHECKPOINT_SECONDS", 60)
 PROGRESS_ROW = 0  # a worker process draws its progress bars below the others' rows
 # Progress written to a file or pipe rather than a terminal: a line a minute at most per bar, and
 # no bar within an epoch.
@@ -202,7 +218,8 @@ def train_group(cells, progress=True, checkpoint=None):
     With `checkpoint` (a path) the state is saved after an epoch (see CHECKPOINT_SECONDS) and
     resumed from it.
     """
-    s0, device = cells[0], training_device()
+    s0 = cells[0]
+    device = training_device(s0.get("device"))
     train_x, val_x, test_x = cell_data(s0, device)
     grid, opt, records, start = resumed_group(cells, device, checkpoint)
     L, C, means, saved = max(grid.latents), len(cells), None, time.monotonic()
@@ -303,6 +320,8 @@ def resumed_group(cells, device, checkpoint=None):
         return grid, opt, records, 1
     checkpoint = Path(checkpoint)
     try:
+        if not checkpoint.is_file():  # a FIFO would hang the read
+            raise ValueError("it is not a plain file")
         state = load_pt(checkpoint, device)  # tensors and plain data only: no code runs
         if [r["settings"] for r in state["records"]] != cells:
             raise ValueError("it holds another group's cells")

@@ -8,6 +8,9 @@ import os
 import platform
 import re
 import shutil
+import stat
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 
 from .data import ROOT
 from .model import n_params_formula
+from .settings import recorded_settings
 
 # The results folder the notebook reads and the command line writes by default; VAE_RESULTS_DIR
 # names another (set it before `import vae_helpers`, e.g. to draw a re-run in /tmp/fresh).
@@ -41,19 +45,32 @@ def atomic_save(obj, path, save):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         # torch.save reports a failed write as "unexpected pos ...", without the reason
-        failed = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        failed = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or (
             isinstance(err, RuntimeError) and "unexpected pos" in str(err)
         )
         if not failed:
             raise
-        free = shutil.disk_usage(path.parent).free
+        code, why = why_not_written(path.parent)
         raise OSError(
-            errno.ENOSPC,
-            f"{path} could not be written: the disk is full ({free:,} bytes free there); free "
-            "some space and run the same command again, which resumes",
+            code,
+            f"{path} could not be written: {why} and run the same command again, which resumes",
         ) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def why_not_written(folder):
+    """Why a write failed for want of room: a file-size limit (ulimit -f) smaller than the space
+    left on the disk, or the disk itself."""
+    import resource
+
+    limit, free = resource.getrlimit(resource.RLIMIT_FSIZE)[0], shutil.disk_usage(folder).free
+    if limit != resource.RLIM_INFINITY and limit < free:
+        return (
+            errno.EFBIG,
+            f"it is larger than the file-size limit ({limit:,} bytes, ulimit -f); raise it",
+        )
+    return errno.ENOSPC, f"the disk is full ({free:,} bytes free there); free some space"
 
 
 def load_pt(path, device="cpu"):
@@ -87,14 +104,14 @@ def alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):  # another user's, or no process id at all
         pass
     return True
 
 
 # atomic_save's temporary files: <target>~<host>~<pid>~<8 hex digits>.tmp, beside the target, in
 # the store's own folders. Nothing else is ever deleted.
-TMP_NAME = re.compile(r"^.+~(?P<host>[^~]+)~(?P<pid>\d+)~[0-9a-f]{8}\.tmp$")
+TMP_NAME = re.compile(r"^.+~(?P<host>[^~]+)~(?P<pid>\d{1,7})~[0-9a-f]{8}\.tmp$")
 STORE_FOLDERS = ("", "cells", "checkpoints", "weights", "recons", "models")
 
 
@@ -114,8 +131,18 @@ def remove_leftovers(results_dir, max_age=86_400):
                 tmp.unlink(missing_ok=True)
 
 
+# The store's other names: in checkpoints/, a group's <16 hex digits>.pt, .json and .lock and a
+# cell's claim <cell name>.lock. Nothing else there is renamed or deleted.
+CELL = r"[a-z-]+-h\d+-l\d+-wd.+-[0-9a-f]{10}"
+CELL_NAME = re.compile(rf"^{CELL}\.\w+$")
+OWN_NAME = re.compile(rf"^([0-9a-f]{{16}}\.(pt|json|lock)|{CELL}\.lock)$")
+# The store's mark, made in each results folder it makes (or finds empty).
+MARK = ".vae-results"
+
+
 def writable_results(results_dir):
-    """The results folder, made and checked to take files before any training starts."""
+    """The results folder, made and checked before any training starts: the store's own (see
+    marked), with no file where its sub-folders go, and taking a probe file."""
     if not str(results_dir).strip():
         raise ValueError(
             "the results folder is named by an empty string; name a folder (default: results/)"
@@ -127,30 +154,85 @@ def writable_results(results_dir):
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe~{HOST}~{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        marked(path)
+        fd, probe = tempfile.mkstemp(prefix=".probe~", dir=path)  # O_EXCL: it follows no link
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise PermissionError(
             f"cannot write to the results folder {path} ({err.strerror}); "
             "name one you can write to with --results"
         ) from None
+    for name in STORE_FOLDERS[1:] + ("slurm",):
+        if os.path.lexists(path / name) and not (path / name).is_dir():
+            raise NotADirectoryError(
+                f"{path / name} is a file where the store keeps its folder {name}/; move it "
+                "away, or name another results folder with --results"
+            )
     return path
 
 
+def marked(path):
+    """Refuse a folder that is not the store's before anything in it is touched: one that holds
+    other files and neither the store's mark nor records (a folder from before the mark). An
+    empty one is marked."""
+    if any((path / "cells").glob("*.json")):
+        return
+    names = sorted(p.name for p in path.iterdir())
+    if MARK in names:
+        return
+    if names:
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ResultsError(
+            f"{path} is not a results folder of this package (it holds {listed} and not the "
+            f"store's mark {MARK}); nothing in it was touched: name a new or empty folder "
+            "(--results)"
+        )
+    try:
+        os.close(os.open(path / MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+    except FileExistsError:
+        pass  # marked by another command at the same moment
+
+
 def cell_path(s, results_dir=RESULTS_DIR):
-    """Where a cell's record lives: a readable name plus a hash of every setting."""
-    digest = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
+    """Where a cell's record lives: cells/<a readable name plus a hash of every setting>.json.
+    A cell pinned to a device whose name holds another device's record is its twin there:
+    cells/<device>/<name>.json (the name is the same: the device is not a setting)."""
+    return Path(results_dir) / "cells" / f"{cell_key(s, results_dir)}.json"
+
+
+def cell_key(s, results_dir=RESULTS_DIR):
+    """The cell's name, under <device>/ for a pinned twin: records, weights and reconstructions
+    are stored by it."""
+    plain = recorded_settings(s)
+    digest = hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
     slug = f"{s['dataset']}-h{s['hidden']}-l{s['latent']}-wd{s['weight_decay']:g}"
     slug += f"-e{s['epochs']}-s{s['seed']}"
     slug += "-bf16" if s.get("precision") == "bfloat16" else ""
     slug += f"-o{s['train_offset']}" if s.get("train_offset") else ""
-    return Path(results_dir) / "cells" / f"{slug}-{digest}.json"
+    name = f"{slug}-{digest}"
+    pinned = s.get("device")
+    if pinned and recorded_device(Path(results_dir) / "cells" / f"{name}.json") not in (
+        None,
+        pinned,
+    ):
+        return f"{pinned}/{name}"
+    return name
+
+
+def recorded_device(path):
+    """The device ("cpu" or "cuda") of the record at `path`, or None where there is none."""
+    try:
+        return str(strict_json(Path(path).read_text()).get("device", "")).split(":")[0] or None
+    except FileNotFoundError:
+        return None
+    except (ValueError, AttributeError, OSError) as err:
+        raise ResultsError(f"{path} is corrupt ({err}); it was left as it is") from None
 
 
 def recons_path(s, results_dir=RESULTS_DIR):
     """Where a cell's kept test reconstructions live (uint8 arrays `final` and `best_val`)."""
-    return Path(results_dir) / "recons" / cell_path(s).with_suffix(".npz").name
+    return Path(results_dir) / "recons" / f"{cell_key(s, results_dir)}.npz"
 
 
 def save_npz(arrays, path):
@@ -159,7 +241,7 @@ def save_npz(arrays, path):
 
 
 def weights_path(s, results_dir=RESULTS_DIR):
-    return Path(results_dir) / "weights" / cell_path(s).with_suffix(".pt").name
+    return Path(results_dir) / "weights" / f"{cell_key(s, results_dir)}.pt"
 
 
 def checkpoint_path(group, results_dir=RESULTS_DIR):
@@ -181,7 +263,10 @@ def strict_json(text):
             )
         return dict(items)
 
-    return json.loads(text, parse_constant=refuse, object_pairs_hook=pairs)
+    try:
+        return json.loads(text, parse_constant=refuse, object_pairs_hook=pairs)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to be a record") from None
 
 
 def number(x):
@@ -250,10 +335,15 @@ def load_cell(path, s):
         raise ResultsError(
             f"{path} is corrupt ({problem}); it was left as it is. Delete it to retrain that cell."
         )
-    if rec["settings"] != s:
+    if rec["settings"] != recorded_settings(s):
         raise ResultsError(
-            f"{path} holds a cell trained with {rec['settings']}, not {s}; "
+            f"{path} holds a cell trained with {rec['settings']}, not {recorded_settings(s)}; "
             f"it was left as it is. Delete it to retrain that cell."
+        )
+    if s.get("device") and not str(rec.get("device")).startswith(s["device"]):
+        raise ResultsError(
+            f"{path} was trained on {rec.get('device')}, not on {s['device']} as asked; it was "
+            "left as it is. Delete it to retrain that cell."
         )
     return rec
 
@@ -270,24 +360,165 @@ def stored_and_missing(cells, results_dir=RESULTS_DIR):
 
 
 @contextmanager
-def group_lock(checkpoint):
+def group_lock(checkpoint, say=True):
     """An exclusive lock on a group (flock on <checkpoint>.lock), or None if another process holds
-    it. The kernel drops the lock of a process that dies, so its successor can take the group. A
-    lock file removed by its holder (remove_free_locks) is noticed, and the new file locked."""
+    it (with `say`, said once). The kernel drops the lock of a process that dies, so its successor
+    can take the group. A lock file removed by its holder (remove_free_locks) is noticed, and the
+    new file locked. The holder writes its command into the file, for those who wait."""
     import fcntl
 
     path = Path(checkpoint).with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        with open(path, "a") as f:
+        with os.fdopen(own_file(path), "r+b") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if say:
+                    say_waiting(path, f)
                 yield None
                 return
             try:
-                if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                try:
+                    now = os.lstat(path).st_ino
+                except FileNotFoundError:
+                    now = None
+                if now == os.fstat(f.fileno()).st_ino:
+                    f.truncate(0)
+                    f.write(command_id().encode())
+                    f.flush()
                     yield f
                     return
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def own_file(path):
+    """A descriptor of the plain file at `path`, made if absent. A link there (symbolic or hard,
+    as the file is written) is not followed, and it, a FIFO (which would hang an open) or
+    anything else is an error naming it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        fd = None
+    if fd is not None:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1:  # 0: removed by its holder just now
+            return fd
+        os.close(fd)
+    kinds = {stat.S_IFLNK: "a symbolic link", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO"}
+    kinds[stat.S_IFREG] = "a hard link to a file elsewhere"
+    kind = kinds.get(stat.S_IFMT(os.lstat(path).st_mode), "not a plain file")
+    raise ResultsError(
+        f"{path} is {kind}, where the store keeps a lock file of its own (it follows no link "
+        "out of its folder); remove it and run the command again"
+    )
+
+
+SAY_WAITING = True  # False in all of a command's worker processes but the first
+SAID = set()  # the locks this process has said it waits for
+
+
+def command_id():
+    """This command, as a lock's holder: its host and its main process (a worker's parent)."""
+    import multiprocessing
+
+    return f"{HOST} {os.getppid() if multiprocessing.parent_process() else os.getpid()}"
+
+
+def say_waiting(path, f):
+    """Say, once, that another command holds the lock at `path`, and which one."""
+    f.seek(0)
+    holder = f.read(300).decode(errors="replace").strip()
+    if not SAY_WAITING or path in SAID or holder == command_id():
+        return
+    SAID.add(path)
+    host, _, pid = holder.rpartition(" ")  # checked: the file's text may be anyone's
+    known = re.fullmatch(r"[\w.-]+ \d+", holder)
+    who = f"the command of process {pid} on {host}" if known else "another command"
+    what = f"the cell {path.stem}" if CELL_NAME.match(path.name) else "a group of cells"
+    side = path.with_suffix(".json")  # a group's sidecar, made with its first checkpoint
+    try:
+        cells = json.loads(side.read_text())["cells"] if side.is_file() else None
+        what = f"h={cells[0]['hidden']} l={','.join(str(s['latent']) for s in cells)}"
+    except (OSError, ValueError, LookupError, TypeError, RecursionError):
+        pass
+    print(
+        f"waiting for {what}, which {who} is training (it holds {path}); if that command was "
+        "stopped (Ctrl-Z), resume it (fg) or end it, and this one takes over",
+        file=sys.stderr,
+    )
+
+
+# The analyses' tables, <results>/<name>.csv, each made by `python -m vae_helpers <name>`, share
+# one cache scheme. A table is made of parts; each of a part's rows holds the part's key (the
+# canonical JSON of every input that changes those rows: the cells, the fit, the sizes) in the
+# column `key`. A part's per-image arrays go beside the table, in <name>.npz as <part>_<array>,
+# with the key as <part>_key. So a part is computed once, and again only if an input changes.
+
+
+def results_folder(results_dir=None):
+    """The results folder named, or the default one (RESULTS_DIR, read when called)."""
+    return Path(RESULTS_DIR if results_dir is None else results_dir)
+
+
+def load_npz(path):
+    """Every array of an .npz file. One holding pickled objects (which could run code when loaded)
+    or not an array file at all is refused with the file named."""
+    from zipfile import BadZipFile
+
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, BadZipFile) as err:
+        raise ResultsError(
+            f"{path} is not an array file this package wrote ({err}); it was left as it is: "
+            "delete it and run the command that made it again"
+        ) from None
+
+
+def cached_table(path, parts, compute=None, arrays=False):
+    """The table in `path` (a CSV) made of `parts` ({name: key}), in their order. A part stored
+    under its key is read back; compute(name) makes another as (rows, per-image arrays), and the
+    files are rewritten after each (arrays first), so an interrupted run keeps what it finished.
+    Without `compute` nothing is written, and a part not stored is an error naming the command."""
+    import pandas as pd
+
+    path, keys = Path(path), {n: json.dumps(k, sort_keys=True) for n, k in parts.items()}
+    table = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["key"])
+    table = table if "key" in table else pd.DataFrame(columns=["key"])
+    side = path.with_suffix(".npz")
+    images = load_npz(side) if arrays and side.exists() else {}
+    done = {
+        n: table[table.key == k]
+        for n, k in keys.items()
+        if (table.key == k).any() and (not arrays or str(images.get(f"{n}_key")) == k)
+    }
+    missing = [n for n in keys if n not in done]
+    if missing and compute is None:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ResultsError(
+            f"{path} lacks {missing[0]}{more} (or holds them made from other inputs); make "
+            f"them with `.venv/bin/python -m "
+            f"vae_helpers {path.stem} --results {path.parent}`, then run this again"
+        )
+    images = {a: x for a, x in images.items() if any(a.startswith(f"{n}_") for n in done)}
+    for n in missing:
+        rows, new = compute(n)
+        done[n] = pd.DataFrame(rows).assign(key=keys[n])
+        if arrays:
+            images.update({f"{n}_{a}": x for a, x in new.items()}, **{f"{n}_key": keys[n]})
+            atomic_save(images, side, save_npz)
+        atomic_save(in_order(done, keys), path, save_csv)
+    return in_order(done, keys)
+
+
+def in_order(done, keys):
+    import pandas as pd
+
+    frames = [done[n] for n in keys if n in done]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["key"])

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .data import TRAIN_IMAGES, load_data
 from .model import VAE, active_units, label, n_params, vfe_terms
+from .settings import recorded_settings
 
 TRAIN_EVAL_IMAGES = 10_000  # the training images whose VFE is measured like the test VFE
 
@@ -28,10 +29,12 @@ def cell_data(s, device):
     )
 
 
-def training_device():
-    """CUDA when there is one, else the CPU. Training on the CPU keeps freed memory for the
-    process (keep_freed_memory): a change to this process's allocator, made only to train."""
-    if torch.cuda.is_available():
+def training_device(pinned=None):
+    """The cell's pinned device, else CUDA when there is one, else the CPU. Training on the CPU
+    keeps freed memory for the process (keep_freed_memory): an allocator change made to train."""
+    if pinned == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("this cell is pinned to CUDA (device='cuda') and no GPU is visible")
+    if pinned != "cpu" and torch.cuda.is_available():
         return torch.device("cuda")
     keep_freed_memory()
     return torch.device("cpu")
@@ -98,7 +101,7 @@ def new_record(s, n_par, device):
     mini-batch VFEs, taken while the weights moved. max_log_var and max_grad_norm: each epoch's
     peaks."""
     rec = dict(
-        settings=s,
+        settings=recorded_settings(s),
         n_params=n_par,
         device=str(device),
         versions=versions(device),
@@ -237,7 +240,7 @@ def adam(s, params, hh_weights):
 
 def train_cell(s, progress=True):
     """Reference trainer: one model, as the course trains it. Returns (record, model)."""
-    device = training_device()
+    device = training_device(s.get("device"))
     train_x, val_x, test_x = cell_data(s, device)
     torch.manual_seed(s["seed"])
     model = VAE(s["hidden"], s["latent"]).to(device)
