@@ -1,11 +1,30 @@
-"""Analyses of kept models: the bound, its gap, the latent code (analysis.py)."""
+"""Analyses of kept models: keeping and loading them, the bound, the latent code (analysis.py)."""
 
+import hashlib
 import math
+import os
+import shutil
 
+import pandas as pd
 import pytest
 import torch
+from conftest import tiny
 
 import vae_helpers as v
+
+
+def files(folder):
+    """What a folder holds: each file's path and a hash of its bytes."""
+    return {p: hashlib.sha1(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """A results folder holding a tiny Q4 of two cells, with a bound of few images and draws."""
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(), tiny(hidden=30)])
+    monkeypatch.setattr(v.analysis, "BOUND", dict(images=20, ks=(1, 10), seed=0))
+    v.run_cells(v.experiment_cells("q4"), tmp_path, progress=False)
+    return tmp_path
 
 
 def small_model(latent=3):
@@ -62,31 +81,86 @@ def test_latent_plane_colours_codes_by_class_beside_the_decoded_grid():
     plt.close("all")
 
 
-def test_the_amortisation_and_approximation_gaps_add_up_to_the_gap_to_the_exact_likelihood():
-    torch.manual_seed(0)
-    model, x = v.VAE(8, 1).eval(), v.load_data()[1][:20]  # one latent unit: p(x) by quadrature
-    z = torch.linspace(-10, 10, 8001)[:, None]
-    with torch.no_grad():
-        log_joint = -(model.decode(z)[:, None] - x).pow(2).sum(-1) - 0.5 * z.pow(2)
-    exact = -(
-        torch.logsumexp(log_joint, 0) + math.log(z[1, 0] - z[0, 0]) - 0.5 * math.log(2 * math.pi)
-    )
-    g = v.posterior_gaps(model, x, k=2000, draws=200)
-    row = v.gap_row(g)
-    assert (g["nll"] - exact).abs().max() < 0.02  # the estimate with q* as proposal
-    assert row["amortisation"] > 0 and row["approximation"] > -0.02  # q* beats the encoder
-    total = row["vfe_encoder"] - float(exact.mean())
-    assert row["amortisation"] + row["approximation"] == pytest.approx(total, abs=0.02)
+def test_best_model_is_the_lowest_vfe_cell_read_from_the_kept_models(folder):
+    records = v.stored_records("q4", folder)[0]
+    for rec in records:
+        v.keep_model(rec, folder)
+    best, model = v.best_model(records, folder)
+    assert best["best_test_vfe"] == min(r["best_test_vfe"] for r in records)
+    assert v.load_pt(v.kept_path(best["settings"], folder))["record"] == best
+    assert v.generate(model, n=4).shape == (4, 784)
 
 
-def test_each_stored_gap_row_adds_up_and_the_over_fitting_split_is_its_difference():
-    gaps = v.stored_gaps()
-    parts = gaps.nll + gaps.amortisation + gaps.approximation
-    assert (parts - gaps.vfe_encoder).abs().max() < 1e-4
-    split = v.overfit_split(gaps, 2000, "plateau")
-    (vfe, _), *rest = split.values()
-    assert vfe == pytest.approx(sum(d for d, _ in rest), abs=1e-4)
-    test = v.gap_row_of(gaps, 2000, "test", "plateau")
-    assert test.images == 200 and split["nll"][0] == pytest.approx(
-        test.nll - v.gap_row_of(gaps, 2000, "train", "plateau").nll
-    )
+def test_a_best_model_not_kept_is_an_error_naming_the_command_and_nothing_is_written(folder):
+    records, before = v.stored_records("q4", folder)[0], files(folder)
+    with pytest.raises(v.ResultsError, match=rf"-m vae_helpers bound --results {folder}"):
+        v.best_model(records, folder)
+    assert files(folder) == before
+
+
+def test_loading_kept_models_writes_nothing_even_in_a_read_only_folder(folder):
+    records = v.stored_records("q4", folder)[0]
+    v.make_bound(folder)
+    before = files(folder)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)  # a reader other than root cannot write
+    try:
+        (best, _), kept = v.best_model(records, folder), v.kept_models(folder)
+        v.trained_model(best["settings"], folder), v.trained_model(records[1]["settings"], folder)
+        v.bound_table(kept, folder)
+    finally:
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert [r["settings"] for r, _ in kept] == [best["settings"]] and files(folder) == before
+
+
+def test_a_kept_model_of_another_cell_under_this_cells_name_is_refused_naming_the_file(folder):
+    records = v.stored_records("q4", folder)[0]
+    for rec in records:
+        v.keep_model(rec, folder)
+    best, _ = v.best_model(records, folder)
+    other = next(r for r in records if r != best)
+    path = v.kept_path(best["settings"], folder)
+    shutil.copy(v.kept_path(other["settings"], folder), path)
+    for load in (
+        lambda: v.best_model(records, folder),
+        lambda: v.trained_model(best["settings"], folder),
+        lambda: v.kept_models(folder),
+    ):
+        with pytest.raises(v.ResultsError, match=f"{path} holds the model of another cell"):
+            load()
+
+
+def test_weights_of_another_shape_are_refused_naming_the_file(folder):
+    small, wide = (r["settings"] for r in v.stored_records("q4", folder)[0])
+    path = v.weights_path(small, folder)
+    shutil.copy(v.weights_path(wide, folder), path)
+    with pytest.raises(v.ResultsError, match=rf"{path} does not hold .* h=5, l=2 \(size mismatch"):
+        v.trained_model(small, folder)
+
+
+def test_the_bound_command_keeps_the_best_model_and_measures_each_kept_model_once(folder):
+    records = v.stored_records("q4", folder)[0]
+    table = v.make_bound(folder)
+    best = v.best_model(records, folder)
+    assert list(table.hidden_dim) == [best[0]["settings"]["hidden"]] * 2 and list(table.k) == [
+        1,
+        10,
+    ]
+    assert (table.test_vfe - table.nll == table.gap).all()
+    pd.testing.assert_frame_equal(v.bound_table([best], folder), table)
+    other = next(r for r in records if r["settings"] != best[0]["settings"])
+    v.keep_model(other, folder)
+    with pytest.raises(v.ResultsError, match=r"lacks fashion-mnist-h.*-m vae_helpers bound"):
+        v.bound_table(v.kept_models(folder), folder)
+    os.remove(v.weights_path(best[0]["settings"], folder))  # the best need not be measured again
+    grown = v.make_bound(folder)
+    pd.testing.assert_frame_equal(grown.iloc[:2], table)
+    assert len(grown) == 4 and list(pd.read_csv(folder / "bound.csv").k) == [1, 10, 1, 10]
+
+
+def test_the_kept_models_are_read_from_the_default_folder_set_when_called(tmp_path, monkeypatch):
+    monkeypatch.setattr(v.store, "RESULTS_DIR", tmp_path)
+    with pytest.raises(v.ResultsError, match=f"{v.kept_path(tiny(), tmp_path)} is missing"):
+        v.best_model([dict(settings=tiny(), best_test_vfe=1.0)])
+    assert v.kept_models() == []

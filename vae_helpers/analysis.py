@@ -1,58 +1,92 @@
 """Analyses of trained models: samples, the importance-weighted bound, where the bound's gap lies
 (amortisation or approximation), the latent code."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .data import load_data
+from .experiments import experiment_table
 from .model import VAE, X_DIM, kl_to_prior, like
 from .store import (
-    RESULTS_DIR,
     ResultsError,
     atomic_save,
+    cached_table,
     cell_path,
     load_pt,
-    save_csv,
+    results_folder,
     weights_path,
-    write_json,
 )
 from .train import chunk_sizes, eval_terms, noise
 
 
-def kept_path(s, results_dir=RESULTS_DIR):
+def kept_path(s, results_dir=None):
     """Where a kept model lives: results/models/<cell name>.pt, its record and final weights."""
-    return Path(results_dir) / "models" / cell_path(s).with_suffix(".pt").name
+    return results_folder(results_dir) / "models" / cell_path(s).with_suffix(".pt").name
 
 
-def keep_model(rec, results_dir=RESULTS_DIR):
+def keep_model(rec, results_dir=None):
     """Keep a trained cell's record with its final weights (from results/weights/, local) in
     results/models/ (a few MB each, committed), so that the notebook needs no training."""
-    state = load_pt(weights_path(rec["settings"], results_dir))
-    atomic_save(
-        {"record": rec, "state": state}, kept_path(rec["settings"], results_dir), torch.save
-    )
+    s, folder = rec["settings"], results_folder(results_dir)
+    if not weights_path(s, folder).exists():
+        raise ResultsError(
+            f"no weights of {cell_path(s).name} in {folder / 'weights'} (they stay local): train "
+            "the cell again (delete its record) to keep them"
+        )
+    state = load_pt(weights_path(s, folder))
+    atomic_save({"record": rec, "state": state}, kept_path(s, folder), torch.save)
+
+
+def vae_with(state, s, path):
+    """A VAE of the cell's sizes holding `state`, or an error naming the file whose weights do not
+    fit it."""
+    model = VAE(s["hidden"], s["latent"])
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+        raise ResultsError(
+            f"{path} does not hold the weights of a VAE with h={s['hidden']}, l={s['latent']} "
+            f"({first}); it was left as it is: put that cell's own file there"
+        ) from None
+    return model
 
 
 def kept_model(path):
     """A kept model as (record, VAE in eval mode, float64: a figure drawn from it is then the same
-    bytes on any CPU, where float32 sums in another order move a few pixels by a grey level)."""
+    bytes on any CPU, where float32 sums in another order move a few pixels by a grey level). A
+    file holding another cell than its name says is refused."""
     kept = load_pt(path)
-    s = kept["record"]["settings"]
-    model = VAE(s["hidden"], s["latent"])
-    model.load_state_dict(kept["state"])
-    return kept["record"], model.double().eval()
+    try:
+        rec, state, s = kept["record"], kept["state"], kept["record"]["settings"]
+        named = cell_path(s).with_suffix(".pt").name
+    except (KeyError, TypeError):
+        raise ResultsError(
+            f"{path} is not a kept model (a record with its weights); it was left as it is"
+        ) from None
+    if named != Path(path).name:
+        raise ResultsError(
+            f"{path} holds the model of another cell ({named}); it was left as it is: delete it "
+            "and keep that cell's own model again (`.venv/bin/python -m vae_helpers bound` "
+            "keeps the best Q4 model)"
+        )
+    return rec, vae_with(state, s, path).double().eval()
 
 
-def best_model(records, results_dir=RESULTS_DIR):
-    """(record, VAE) of the cell with the lowest best test VFE, kept in results/models/ the first
-    time it is asked for."""
+def best_model(records, results_dir=None):
+    """(record, VAE) of the cell with the lowest best test VFE, read from results/models/ (where
+    `python -m vae_helpers bound` keeps it); nothing is written."""
     best = min(records, key=lambda r: r["best_test_vfe"])
-    if not kept_path(best["settings"], results_dir).exists():
-        keep_model(best, results_dir)
-    return kept_model(kept_path(best["settings"], results_dir))
+    path = kept_path(best["settings"], results_dir)
+    if not path.exists():
+        raise ResultsError(
+            f"{path} is missing: keep the best model with `.venv/bin/python -m vae_helpers bound "
+            f"--results {results_folder(results_dir)}` (it needs the cell's weights, which "
+            "training leaves in weights/), then run this again"
+        )
+    return kept_model(path)
 
 
 @torch.no_grad()
@@ -124,13 +158,10 @@ def interpolations(model, x_pairs, steps=9, ends=False):
     return torch.cat(rows)
 
 
-MODELS_DIR = RESULTS_DIR / "models"
-
-
-def kept_models(models_dir=MODELS_DIR):
+def kept_models(results_dir=None):
     """Every kept model as (record, VAE in eval mode, float64), smallest first."""
-    out = [kept_model(path) for path in sorted(Path(models_dir).glob("*.pt"))]
-    return sorted(out, key=lambda rm: rm[0]["n_params"])
+    paths = sorted((results_folder(results_dir) / "models").glob("*.pt"))
+    return sorted((kept_model(p) for p in paths), key=lambda rm: rm[0]["n_params"])
 
 
 @torch.no_grad()
@@ -142,50 +173,64 @@ def eval_vfe(model, s, test_x):
     return float(r + k)
 
 
-def bound_table(
-    models, images=1000, ks=(1, 10, 100, 1000, 5000), seed=0, path=RESULTS_DIR / "bound.csv"
-):
-    """Per model and k: test VFE, the importance-weighted NLL estimate on the first `images` test
-    images with its standard error, and the gap; stored in results/bound.csv and read from it."""
-    import pandas as pd
-
-    key = dict(images=images, ks=list(ks), seed=seed, models=[r["settings"] for r, _ in models])
-    side = Path(path).with_suffix(".json")
-    if Path(path).exists() and side.exists() and json.loads(side.read_text()) == key:
-        return pd.read_csv(path)
-    x = load_data()[1][:images]
-    rows = []
-    for rec, model in models:
-        s = rec["settings"]
-        vfe = eval_vfe(model, s, x)
-        for row in iwae_nll(model, x, ks, seed):
-            rows.append(
-                dict(
-                    hidden_dim=s["hidden"],
-                    latent_dim=s["latent"],
-                    active_units=rec["active_units"],
-                    test_vfe=vfe,
-                    **row,
-                    gap=vfe - row["nll"],
-                )
-            )
-    table = pd.DataFrame(rows)
-    atomic_save(table, path, save_csv)
-    atomic_save(key, side, write_json)
-    return table
+# The bound measured for each model: on the first 1,000 test images, with k draws.
+BOUND = dict(images=1000, ks=(1, 10, 100, 1000, 5000), seed=0)
 
 
-def trained_model(s, results_dir=RESULTS_DIR):
+def bound_table(models, results_dir=None):
+    """Per model (record, VAE) and k: test VFE, the importance-weighted NLL estimate on the first
+    images with its standard error, and the gap; read from results/bound.csv, which
+    `python -m vae_helpers bound` makes. Nothing is written."""
+    return bound_cache(models, results_folder(results_dir))
+
+
+def make_bound(results_dir=None):
+    """Keep the best Q4 model (from its weights) if it is not kept yet, then measure the bound of it
+    and of every other kept model into results/bound.csv, those not stored there yet."""
+    folder = results_folder(results_dir)
+    _, q4 = experiment_table("q4", folder)  # a missing cell is an error naming its command
+    best = min(q4, key=lambda r: r["best_test_vfe"])
+    if not kept_path(best["settings"], folder).exists():
+        keep_model(best, folder)
+    best = best_model(q4, folder)
+    others = [m for m in kept_models(folder) if m[0]["settings"] != best[0]["settings"]]
+    return bound_cache([best] + others, folder, make=True)
+
+
+def bound_cache(models, folder, make=False):
+    parts = {
+        cell_path(r["settings"]).stem: dict(settings=r["settings"], **BOUND) for r, _ in models
+    }
+    by_name = {cell_path(r["settings"]).stem: (r, m) for r, m in models}
+    compute = (lambda name: (bound_rows(*by_name[name]), {})) if make else None
+    return cached_table(folder / "bound.csv", parts, compute)
+
+
+def bound_rows(rec, model):
+    s, x = rec["settings"], load_data()[1][: BOUND["images"]]
+    vfe = eval_vfe(model, s, x)
+    return [
+        dict(
+            hidden_dim=s["hidden"],
+            latent_dim=s["latent"],
+            active_units=rec["active_units"],
+            test_vfe=vfe,
+            **row,
+            gap=vfe - row["nll"],
+        )
+        for row in iwae_nll(model, x, BOUND["ks"], BOUND["seed"])
+    ]
+
+
+def trained_model(s, results_dir=None):
     """A trained cell's VAE (float32, eval mode) from its kept final weights: results/models/, or
     results/weights/ (local, not committed)."""
-    if kept_path(s, results_dir).exists():
-        state = load_pt(kept_path(s, results_dir))["state"]
-    elif weights_path(s, results_dir).exists():
-        state = load_pt(weights_path(s, results_dir))
-    else:
+    folder = results_folder(results_dir)
+    if kept_path(s, folder).exists():
+        return kept_model(kept_path(s, folder))[1].float()
+    path = weights_path(s, folder)
+    if not path.exists():
         raise ResultsError(
-            f"no weights of {cell_path(s).name} in {results_dir}: train its cell again to keep them"
+            f"no weights of {cell_path(s).name} in {folder}: train its cell again to keep them"
         )
-    model = VAE(s["hidden"], s["latent"])
-    model.load_state_dict(state)
-    return model.float().eval()
+    return vae_with(load_pt(path), s, path).float().eval()

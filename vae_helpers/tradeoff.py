@@ -1,14 +1,12 @@
 """Q7's bias and variance, measured over disjoint training sets (Geman et al. 1992)."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from .data import load_data
+from .experiments import experiment_cells, stored_records
 from .model import X_DIM
 from .plots import VFE_LABEL
-from .store import RESULTS_DIR, atomic_save, recons_path, save_csv, save_npz, write_json
+from .store import ResultsError, cached_table, cell_path, load_npz, recons_path, results_folder
 
 
 def bias_variance(x, recons):
@@ -62,97 +60,107 @@ def jackknife_se(estimates):
     return float(np.sqrt((len(e) - 1) / len(e) * ((e - e.mean()) ** 2).sum()))
 
 
-def reconstructions(records, which, results_dir=RESULTS_DIR):
+def reconstructions(records, which, results_dir):
     """The records' stored test reconstructions at the final or best-validation epoch, in [0, 1]."""
     return (
-        np.stack([np.load(recons_path(r["settings"], results_dir))[which] for r in records]) / 255
+        np.stack([load_npz(recons_path(r["settings"], results_dir))[which] for r in records]) / 255
     )
 
 
-def bias_variance_table(records, results_dir=RESULTS_DIR, path=RESULTS_DIR / "bias_variance.csv"):
+def bias_variance_table(records, results_dir=None):
     """Per width and epoch (final, best validation): bias^2 and variance over the disjoint training
     sets (unbiased for an infinite ensemble; `_raw`: the exact split of the K models), the seed's
     part (set 0's seeds), jackknife standard errors over the training sets (`_jse`), and the test
-    VFE, reconstruction and KL across sets. Computed from the stored reconstructions and kept in
-    `path`, with per-image values beside it for paired differences (bias_variance_step)."""
-    import pandas as pd
+    VFE, reconstruction and KL across sets. Read from results/bias_variance.csv, which
+    `python -m vae_helpers bias_variance` makes (per-image values beside it, in .npz, for
+    bias_variance_step). Nothing is written."""
+    return split_table(records, results_folder(results_dir))
 
-    runs = bias_variance_runs(records)
-    key = {
-        str(h): sorted(json.dumps(r["settings"], sort_keys=True) for r in a + b)
-        for h, (a, b) in runs.items()
+
+def make_bias_variance(results_dir=None):
+    """Split q7_bias_variance's stored reconstructions into results/bias_variance.csv and .npz, the
+    widths not stored there yet; a width whose cells are unchanged needs its reconstructions no
+    more."""
+    folder = results_folder(results_dir)
+    return split_table(stored_records("q7_bias_variance", folder)[0], folder, make=True)
+
+
+def split_table(records, folder, make=False):
+    widths = {
+        f"h{h}": runs for h, runs in sorted(bias_variance_runs(complete(records, folder)).items())
     }
-    side, per_image = Path(path).with_suffix(".json"), Path(path).with_suffix(".npz")
-    old, old_rows, old_images = {}, None, {}
-    if all(
-        p.exists() for p in (Path(path), side, per_image)
-    ):  # a width whose cells are unchanged is kept
-        old, old_rows, old_images = (
-            json.loads(side.read_text()).get("widths", {}),
-            pd.read_csv(path),
-            np.load(per_image),
+    parts = {
+        name: dict(sets=[r["settings"] for r in a], seeds=[r["settings"] for r in b])
+        for name, (a, b) in widths.items()
+    }
+    compute = (lambda name: width_split(*widths[name], folder)) if make else None
+    return cached_table(folder / "bias_variance.csv", parts, compute, arrays=True)
+
+
+def complete(records, folder):
+    """The records, if no cell of q7_bias_variance is missing among them; else an error naming one
+    and the command that trains it."""
+    have = [r["settings"] for r in records]
+    missing = [s for s in experiment_cells("q7_bias_variance") if s not in have]
+    if missing:
+        raise ResultsError(
+            f"{cell_path(missing[0], folder)} is missing ({len(missing)} of the cells of "
+            f"q7_bias_variance are): train them with `.venv/bin/python -m vae_helpers "
+            f"q7_bias_variance --results {folder}`, then run this again"
         )
-    if old == key:
-        return old_rows
+    return records
+
+
+def width_split(sets, seeds, folder):
+    """One width's rows (final and best-validation epoch) and per-image arrays."""
+    s0, K, S = sets[0]["settings"], len(sets), len(seeds)
+    x = load_data(s0["dataset"])[1][: s0["recon_images"]].numpy()
     rows, images = [], {}
-    for h, (sets, seeds) in sorted(runs.items()):
-        if old.get(str(h)) == key[str(h)]:  # its reconstructions need not be here any more
-            rows += old_rows[old_rows.hidden_dim == h].to_dict("records")
-            images.update({k: old_images[k] for k in old_images.files if k.startswith(f"h{h}_")})
-            continue
-        s0, K, S = sets[0]["settings"], len(sets), len(seeds)
-        x = load_data(s0["dataset"])[1][: s0["recon_images"]].numpy()
-        for which in ("final", "best_val"):
-            r_sets = reconstructions(sets, which, results_dir)
-            raw = bias_variance(x, r_sets)
-            d = unbiased(raw, K)
-            seed = unbiased(bias_variance(x, reconstructions(seeds, which, results_dir)), S)
-            drops = [unbiased(bias_variance(x, np.delete(r_sets, i, 0)), K - 1) for i in range(K)]
-            for k in d:
-                images[f"h{h}_{which}_{k}"] = d[k]
-                images[f"h{h}_{which}_{k}_drop"] = np.stack([dr[k] for dr in drops])
-            vfe = np.array([at_epoch(r, "test_vfe", which) for r in sets])
-            rows.append(
-                dict(
-                    hidden_dim=h,
-                    n_params=sets[0]["n_params"],
-                    of_line=sets[0]["n_params"] / (s0["train_size"] * X_DIM),
-                    epoch=which,
-                    sets=K,
-                    seeds=S,
-                    **{k: d[k].mean() for k in ("bias2", "variance")},
-                    total=d["mse"].mean(),
-                    **{
-                        f"{k.replace('mse', 'total')}_jse": jackknife_se(
-                            [dr[k].mean() for dr in drops]
-                        )
-                        for k in ("bias2", "variance", "mse")
-                    },
-                    variance_seed=seed["variance"].mean(),
-                    bias2_raw=raw["bias2"].mean(),
-                    variance_raw=raw["variance"].mean(),
-                    identity_error=float(np.abs(raw["mse"] - raw["bias2"] - raw["variance"]).max()),
-                    mse_unquantised=float(np.mean([r[f"recon_mse_{which}"] for r in sets])),
-                    test_vfe=vfe.mean(),
-                    test_vfe_sd=vfe.std(ddof=1),
-                    test_recon=float(np.mean([at_epoch(r, "test_recon", which) for r in sets])),
-                    test_kl=float(np.mean([at_epoch(r, "test_kl", which) for r in sets])),
-                    val_epoch=float(np.mean([r["best_val_epoch"] for r in sets])),
-                    best_on_test=float(np.mean([r["best_test_vfe"] for r in sets])),
-                    diverged=sum("diverged_epoch" in r for r in sets + seeds),
-                )
+    for which in ("final", "best_val"):
+        r_sets = reconstructions(sets, which, folder)
+        raw = bias_variance(x, r_sets)
+        d = unbiased(raw, K)
+        seed = unbiased(bias_variance(x, reconstructions(seeds, which, folder)), S)
+        drops = [unbiased(bias_variance(x, np.delete(r_sets, i, 0)), K - 1) for i in range(K)]
+        for k in d:
+            images[f"{which}_{k}"] = d[k]
+            images[f"{which}_{k}_drop"] = np.stack([dr[k] for dr in drops])
+        vfe = np.array([at_epoch(r, "test_vfe", which) for r in sets])
+        rows.append(
+            dict(
+                hidden_dim=s0["hidden"],
+                n_params=sets[0]["n_params"],
+                of_line=sets[0]["n_params"] / (s0["train_size"] * X_DIM),
+                epoch=which,
+                sets=K,
+                seeds=S,
+                **{k: d[k].mean() for k in ("bias2", "variance")},
+                total=d["mse"].mean(),
+                **{
+                    f"{k.replace('mse', 'total')}_jse": jackknife_se([dr[k].mean() for dr in drops])
+                    for k in ("bias2", "variance", "mse")
+                },
+                variance_seed=seed["variance"].mean(),
+                bias2_raw=raw["bias2"].mean(),
+                variance_raw=raw["variance"].mean(),
+                identity_error=float(np.abs(raw["mse"] - raw["bias2"] - raw["variance"]).max()),
+                mse_unquantised=float(np.mean([r[f"recon_mse_{which}"] for r in sets])),
+                test_vfe=vfe.mean(),
+                test_vfe_sd=vfe.std(ddof=1),
+                test_recon=float(np.mean([at_epoch(r, "test_recon", which) for r in sets])),
+                test_kl=float(np.mean([at_epoch(r, "test_kl", which) for r in sets])),
+                val_epoch=float(np.mean([r["best_val_epoch"] for r in sets])),
+                best_on_test=float(np.mean([r["best_test_vfe"] for r in sets])),
+                diverged=sum("diverged_epoch" in r for r in sets + seeds),
             )
-    table = pd.DataFrame(rows)
-    atomic_save(images, per_image, save_npz)
-    atomic_save(table, path, save_csv)
-    atomic_save(dict(widths=key), side, write_json)
-    return table
+        )
+    return rows, images
 
 
-def bias_variance_step(a, b, which="final", path=RESULTS_DIR / "bias_variance.npz"):
+def bias_variance_step(a, b, which="final", results_dir=None):
     """Width b minus width a in mse, bias2 and variance (unbiased): (mean, jackknife standard error
     over the training sets, standard error over the test images, paired image by image)."""
-    images = np.load(path)
+    images = load_npz(results_folder(results_dir) / "bias_variance.npz")
     out = {}
     for k in ("mse", "bias2", "variance"):
         d = images[f"h{b}_{which}_{k}"] - images[f"h{a}_{which}_{k}"]
