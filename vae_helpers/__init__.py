@@ -14,6 +14,7 @@ Read in this order; each module imports only modules above it:
     analysis.py     kept models: samples, the importance-weighted bound and its gap, the code
     gaps.py         that gap split into amortisation and approximation (Cremer et al. 2018)
     tradeoff.py     Q7's bias and variance over training sets, and their figure
+    tables.py       the notebook's tables: the noise rule and its contrasts, key numbers, checks
     __main__.py     the command line: `python -m vae_helpers q4`
 
 `import vae_helpers as v` gives every public name of these modules as v.<name>, imported when
@@ -24,7 +25,7 @@ replace a function replace it in the module that calls it.
 import importlib
 
 MODULES = ("model", "data", "settings", "train", "store", "stacked", "runner", "experiments")
-MODULES += ("plots", "analysis", "gaps", "tradeoff")
+MODULES += ("plots", "analysis", "gaps", "tradeoff", "tables")
 
 
 def __getattr__(name):
