@@ -687,3 +687,14 @@ def test_a_checkpoint_interval_that_is_no_number_of_seconds_is_refused_naming_it
     monkeypatch.setenv("VAE_CHECKPOINT_SECONDS", value)
     with pytest.raises(ValueError, match=f"VAE_CHECKPOINT_SECONDS='{value}' is not a number"):
         v.stacked.seconds_from("VAE_CHECKPOINT_SECONDS", 60)
+
+
+def test_a_fifo_where_a_record_belongs_is_corrupt_not_a_hang(tmp_path):
+    s = tiny()
+    path = v.cell_path(s, tmp_path)
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    with pytest.raises(v.ResultsError, match="not a regular file"):
+        v.load_cell(path, s)
+    with pytest.raises(v.ResultsError, match="not a regular file"):
+        v.cell_path(dict(s, device="cpu"), tmp_path)

@@ -222,12 +222,21 @@ def cell_key(s, results_dir=RESULTS_DIR):
 
 def recorded_device(path):
     """The device ("cpu" or "cuda") of the record at `path`, or None where there is none."""
-    try:
-        return str(strict_json(Path(path).read_text()).get("device", "")).split(":")[0] or None
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
+    try:
+        return (
+            str(strict_json(plain_file(path).read_text()).get("device", "")).split(":")[0] or None
+        )
     except (ValueError, AttributeError, OSError) as err:
         raise ResultsError(f"{path} is corrupt ({err}); it was left as it is") from None
+
+
+def plain_file(path):
+    """`path`, refused as a ValueError unless it is a regular file: a FIFO would hang the read."""
+    if not Path(path).is_file():
+        raise ValueError("it is not a regular file")
+    return Path(path)
 
 
 def recons_path(s, results_dir=RESULTS_DIR):
@@ -326,7 +335,7 @@ def record_problem(rec):
 def load_cell(path, s):
     """A stored record, checked to be whole and consistent, and to be the cell asked for."""
     try:
-        rec = strict_json(Path(path).read_text())
+        rec = strict_json(plain_file(path).read_text())
         problem = record_problem(rec) if isinstance(rec, dict) else "the whole file"
         problem = problem and f"its {problem} is missing, of the wrong kind or inconsistent"
     except (ValueError, IsADirectoryError) as err:
