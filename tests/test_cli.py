@@ -30,6 +30,16 @@ def test_command_line_epochs_override_trains_that_long_into_its_own_table(tmp_pa
     assert list(pd.read_csv(tmp_path / "q4_e2.csv")["epochs"]) == [2]
 
 
+def test_a_shorter_run_without_a_results_folder_goes_to_scratch_not_the_studys_store(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2)])
+    monkeypatch.setattr(cli, "RESULTS", tmp_path)
+    monkeypatch.delenv("VAE_RESULTS_DIR", raising=False)
+    cli.main(["q4", "--no-progress", "--epochs", "2"])
+    assert (tmp_path / "scratch" / "q4_e2.csv").exists() and not (tmp_path / "cells").exists()
+
+
 def test_command_line_refuses_an_unknown_experiment(capsys):
     with pytest.raises(SystemExit):
         cli.main(["q9"])

@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,6 +330,37 @@ def test_reading_an_experiment_trains_and_writes_nothing_and_names_the_command(
     monkeypatch.setitem(v.EXPERIMENTS, "q7", lambda: [tiny(latent=2)])
     table, records = v.experiment_table("q7", tmp_path)
     assert list(table.latent_dim) == [2] and sorted(tmp_path.rglob("*")) == before
+
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "M63556AB_RepLearning.ipynb"
+READ = sorted(set(re.findall(r'experiment_(?:records|table)\(\\"(\w+)\\"', NOTEBOOK.read_text())))
+
+
+def test_the_notebook_reads_only_whole_experiments():
+    assert "stored_records" not in NOTEBOOK.read_text()
+    assert {"q4", "q5", "q6", "q7", "q7_scaled", "q7_bias_variance"} <= set(READ)
+
+
+@pytest.mark.parametrize("name", READ)
+def test_a_record_missing_from_a_copied_folder_stops_the_notebooks_read_with_its_command(
+    name, tmp_path
+):
+    shutil.copytree(v.RESULTS_DIR / "cells", tmp_path / "cells")
+    cells = v.experiment_cells(name)
+    v.cell_path(cells[0], tmp_path).unlink()
+    with pytest.raises(
+        v.ResultsError,
+        match=rf"1 of the {len(cells)} cells of {name} .*vae_helpers {name} --results {tmp_path}`",
+    ):
+        v.experiment_records(name, tmp_path)
+
+
+def test_an_experiment_with_a_folder_of_its_own_trains_and_reads_there(tmp_path, monkeypatch):
+    monkeypatch.setitem(v.EXPERIMENTS, "repro", lambda: [tiny(latent=2)])
+    v.run_experiment("repro", tmp_path, progress=False)
+    assert v.cell_path(tiny(latent=2), tmp_path / "repro").exists()
+    assert not v.cell_path(tiny(latent=2), tmp_path).exists() and (tmp_path / "repro.csv").exists()
+    assert v.experiment_records("repro", tmp_path)[0]["settings"] == tiny(latent=2)
 
 
 def test_the_results_folder_can_be_named_by_an_environment_variable(tmp_path):

@@ -1,5 +1,7 @@
 """The notebook's tables (tables.py): the noise rule, the contrasts it judges, the key numbers."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -192,6 +194,15 @@ def test_bound_gaps_measure_each_models_gap_from_its_one_draw_estimate():
     assert list(top.gap) == [1.0, 0.5] and list(top.gap_se) == [0.05, 0.04]
 
 
+def test_bound_gaps_columns_add_up_the_one_draw_estimate_is_the_estimate_plus_its_gap():
+    bound = pd.DataFrame(
+        dict(hidden_dim=5, latent_dim=2, active_units=2, test_vfe=31.0, k=[1, 10])
+        | dict(nll=[30.0, 29.0], se=0.1, below_k1_se=[0.0, 0.05])
+    )
+    top = v.bound_gaps(bound)
+    assert "test_vfe" not in top and list(top.k1_vfe) == list(top.nll + top.gap) == [30.0]
+
+
 def test_bound_facts_split_two_models_difference_into_likelihood_and_gap():
     ks = [1, 1000, 5000]
     bound = pd.DataFrame(
@@ -282,6 +293,20 @@ def test_training_times_count_a_cell_shared_between_experiments_once():
     q4 = times.set_index("experiment").loc["q4"]
     assert q4.cells == len(v.experiment_cells("q4"))
     assert cells < times.cells.sum() and hours < times.minutes.sum() / 60
+
+
+def test_training_times_count_a_twin_on_another_device_and_a_cell_trained_again_as_cells():
+    cells = [(n, s) for n in v.EXPERIMENTS for s in v.experiment_cells(n)]
+    files = {v.cell_path(s, v.experiment_folder(n)) for n, s in cells}
+    assert v.training_times()[1] == len({f for f in files if f.exists()})
+
+
+def test_the_cells_trained_again_are_read_from_their_own_folder_or_named_by_command(tmp_path):
+    again = v.repro_table()
+    assert len(again) == len(v.experiment_cells("repro")) and again.best_diff.abs().max() > 0
+    shutil.copytree(v.RESULTS_DIR / "cells", tmp_path / "cells")
+    with pytest.raises(v.ResultsError, match=rf"-m vae_helpers repro --results {tmp_path}`"):
+        v.repro_table(tmp_path)
 
 
 def test_the_lowest_width_is_tied_with_every_width_the_rule_cannot_separate_from_it():

@@ -14,7 +14,7 @@ if not __package__:  # run as a file: the package's relative imports cannot work
 
 # The experiments' names (experiments.EXPERIMENTS; a test checks that the two agree).
 NAMES = ("bf16_check", "q4", "q5", "q6", "q6_sweep", "q7", "q7_bias_variance", "q7_data")
-NAMES += ("q7_data_lr_scale", "q7_lr_scale", "q7_scaled", "recon", "seeds")
+NAMES += ("q7_data_lr_scale", "q7_lr_scale", "q7_scaled", "recon", "repro", "seeds")
 # The analyses: each reads stored models and writes <results>/<name>.csv (and .npz), through one
 # cache (store.cached_table), so that the same command resumes and recomputes only what changed.
 ANALYSES = ("bias_variance", "bound", "gaps")
@@ -81,9 +81,9 @@ def parser():
     )
     p.add_argument(
         "--results",
-        default=str(RESULTS),
-        help="results folder (default: "
-        "results/, or $VAE_RESULTS_DIR); name a new one to re-run from scratch",
+        help="results folder (default: results/, or $VAE_RESULTS_DIR; with --epochs, "
+        "results/scratch/, which the notebook does not read); name a new one to re-run from "
+        "scratch",
     )
     p.add_argument(
         "--epochs",
@@ -150,8 +150,11 @@ def checked(p, args):
         )
     if args.max_params is not None and args.min_params > args.max_params:
         p.error(f"--min-params {args.min_params:,} is above --max-params {args.max_params:,}")
+    given = "--results" if args.results is not None else "VAE_RESULTS_DIR"
+    if args.results is None:  # a shorter protocol's cells are not the study's: kept apart
+        scratch = args.epochs is not None and not os.environ.get("VAE_RESULTS_DIR")
+        args.results = str(RESULTS / "scratch" if scratch else RESULTS)
     if not str(args.results).strip():
-        given = "--results" if args.results != str(RESULTS) else "VAE_RESULTS_DIR"
         p.error(f"{given} is empty; name a folder (default: results/)")
     if re.search(r"[\x00-\x1f\x7f]", str(args.results)):  # it reaches Slurm's job script
         p.error(f"--results {str(args.results)[:60]!r} holds a line break or control character")
@@ -214,7 +217,7 @@ def run_analysis(args):
 
 
 def run_command(args, names, p):
-    from .experiments import experiment_cells, run_experiment, table_name
+    from .experiments import experiment_cells, experiment_folder, run_experiment, table_name
     from .runner import submit_slurm
 
     cells = [
@@ -229,9 +232,19 @@ def run_command(args, names, p):
         p.error(f"no cell of {', '.join(names)} has {size} parameters; nothing to train")
     if args.slurm or args.slurm_local:
         hours_ = 4.0 if args.hours is None else args.hours
-        jobs = submit_slurm(
-            cells, args.results, args.partition, hours_, args.gpus or 0, local=args.slurm_local
-        )
+        by_folder = {}  # an experiment with a folder of its own (repro) is submitted into it
+        for n in names:
+            folder = experiment_folder(n, args.results)
+            by_folder.setdefault(folder, []).extend(
+                experiment_cells(n, args.epochs, args.max_params, args.min_params)
+            )
+        jobs = [
+            job
+            for folder, some in by_folder.items()
+            for job in submit_slurm(
+                some, folder, args.partition, hours_, args.gpus or 0, local=args.slurm_local
+            )
+        ]
         ids = ", ".join(j.job_id for j in jobs)
         where = "local processes (pids)" if args.slurm_local else "Slurm jobs"
         print(

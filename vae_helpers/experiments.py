@@ -1,14 +1,12 @@
 """The study as data: the course's protocol, each cell's settings, every experiment's cells, and
 the tables gathered from their stored records."""
 
-from pathlib import Path
-
 import numpy as np
 
 from .model import X_DIM, n_params_formula
 from .runner import run_cells
 from .settings import OPTIONS, cell_settings
-from .store import RESULTS_DIR, ResultsError, atomic_save, save_csv, stored_and_missing
+from .store import ResultsError, atomic_save, results_folder, save_csv, stored_and_missing
 
 
 def grid(hiddens, latents, **overrides):
@@ -55,9 +53,9 @@ Q7_BV_SETS = 5
 Q7_BV = dict(train_size=1_000, epochs=400, eval_every=10, val_size=5_000, recon_images=1_000)
 
 
-# h = 5000 (1.23 x the line) is the next width to add: an experiment lists only stored cells, and
-# one wide cell takes a session of this CPU.
-Q7_SCALED_HIDDEN = [5, 50, 200, 500, 2000, 4750]
+# Two widths past the line (h = 4750 and 5000, 1.12 and 1.18 x); one such cell takes a session of
+# a 2-core CPU.
+Q7_SCALED_HIDDEN = [5, 50, 200, 500, 2000, 4750, 5000]
 
 
 def scaled_rate(h):
@@ -109,7 +107,19 @@ EXPERIMENTS = {
     "bf16_check": lambda: [cell_settings(1024, 8, precision=p) for p in ("float32", "bfloat16")],
     # What the course's Gaussian (squared-error) decoder does against a Bernoulli one.
     "recon": lambda: [cell_settings(200, 100, recon=r, epochs=5) for r in ("mse", "bernoulli")],
+    # Four Q4 cells trained again, each alone rather than in its group, into a store of their own.
+    "repro": lambda: [cell_settings(h, l) for h, l in ((5, 10), (50, 10), (200, 100), (500, 10))],
 }
+
+# Experiments stored in a folder of their own inside the results folder: their cells have the
+# names of cells in the main store, which they are compared with.
+OWN_FOLDER = {"repro": "repro"}
+
+
+def experiment_folder(name, results_dir=None):
+    """Where an experiment's cells are stored: the results folder, or its own folder inside it."""
+    folder = results_folder(results_dir)
+    return folder / OWN_FOLDER[name] if name in OWN_FOLDER else folder
 
 
 def experiment_cells(name, epochs=None, max_params=None, min_params=0):
@@ -176,37 +186,45 @@ def table_name(name, epochs=None):
 
 
 def run_experiment(
-    name, results_dir=RESULTS_DIR, progress=True, epochs=None, max_params=None, min_params=0, jobs=1
+    name, results_dir=None, progress=True, epochs=None, max_params=None, min_params=0, jobs=1
 ):
     """Run or resume one question's grid, write results/<name>.csv, return (table, records).
     With `epochs`, every cell trains that long instead, and the table is <name>_e<epochs>.csv.
     With `max_params` or `min_params`, only the cells of that size train (a laptop takes the
     small ones, a GPU the large); the table holds every stored cell. `jobs`: worker processes."""
-    run_cells(experiment_cells(name, epochs, max_params, min_params), results_dir, progress, jobs)
-    cells = experiment_cells(name, epochs)
-    records = stored_and_missing(cells, results_dir)[0]
+    store = experiment_folder(name, results_dir)
+    run_cells(experiment_cells(name, epochs, max_params, min_params), store, progress, jobs)
+    records = stored_and_missing(experiment_cells(name, epochs), store)[0]
     table = summary_table(records)
-    atomic_save(table, Path(results_dir) / f"{table_name(name, epochs)}.csv", save_csv)
+    atomic_save(table, results_folder(results_dir) / f"{table_name(name, epochs)}.csv", save_csv)
     return table, records
 
 
-def experiment_table(name, results_dir=RESULTS_DIR):
-    """An experiment's table and records, read from the store: nothing is trained or written. A
+def experiment_records(name, results_dir=None):
+    """Every record of an experiment, read from the store: nothing is trained or written. A
     missing cell is an error that names the command which trains it (and resumes, if stopped)."""
     records, missing = stored_records(name, results_dir)
     if missing:
+        folder = results_folder(results_dir)
         raise ResultsError(
             f"{len(missing)} of the {len(records) + len(missing)} cells of {name} are not in "
-            f"{results_dir}; train them with `.venv/bin/python -m vae_helpers {name} --results "
-            f"{results_dir}` (it shows progress and resumes if stopped), then run this again"
+            f"{experiment_folder(name, folder)}; train them with `.venv/bin/python -m vae_helpers "
+            f"{name} --results {folder}` (it shows progress and resumes if stopped), then run "
+            "this again"
         )
+    return records
+
+
+def experiment_table(name, results_dir=None):
+    """An experiment's table and records (experiment_records: every cell, or an error)."""
+    records = experiment_records(name, results_dir)
     return summary_table(records), records
 
 
-def stored_records(name, results_dir=RESULTS_DIR):
+def stored_records(name, results_dir=None):
     """The stored records of an experiment's cells (training nothing), and the settings it still
     lacks."""
-    return stored_and_missing(experiment_cells(name), results_dir)
+    return stored_and_missing(experiment_cells(name), experiment_folder(name, results_dir))
 
 
 def by_size(table, running=False):

@@ -10,9 +10,11 @@ from .analysis import eval_vfe, unit_kl
 from .data import TRAIN_VALUES
 from .experiments import (
     EXPERIMENTS,
+    OWN_FOLDER,
     Q7_LATENT,
     by_size,
     experiment_cells,
+    experiment_records,
     scaled_rate,
     seed_contrast,
     stored_records,
@@ -21,7 +23,7 @@ from .experiments import (
 from .gaps import gap_difference, gap_row_of, overfit_split, stored_gaps
 from .model import X_DIM, n_params_formula
 from .stacked import groups
-from .store import RESULTS_DIR, cell_path, load_cell
+from .store import cell_path, load_cell, results_folder
 
 RESOLVED = 3  # standard errors: the one rule by which every contrast in the notebook is judged
 
@@ -299,14 +301,13 @@ def kept_check(models, test_x):
 
 
 def bound_gaps(bound):
-    """Per model, the estimate at the largest k and its gap below the one-draw estimate (k = 1),
-    paired image by image (`gap_se`)."""
+    """Per model, the one-draw estimate (k = 1, `k1_vfe`), the estimate at the largest k and the gap
+    between them (`k1_vfe` = `nll` + `gap`), paired image by image (`gap_se`)."""
     k1 = bound[bound.k == 1].nll.to_numpy()
     top = bound[bound.k == bound.k.max()]
-    top = top.assign(gap=k1 - top.nll.to_numpy(), gap_se=top.below_k1_se)
+    top = top.assign(k1_vfe=k1, gap=k1 - top.nll.to_numpy(), gap_se=top.below_k1_se)
     return top[
-        ["hidden_dim", "latent_dim", "active_units", "test_vfe", "k", "nll", "se", "gap"]
-        + ["gap_se"]
+        ["hidden_dim", "latent_dim", "active_units", "k1_vfe", "k", "nll", "se", "gap", "gap_se"]
     ]
 
 
@@ -400,9 +401,9 @@ def class_centres(model, x, labels):
     return centres.assign(within_class_sd=by_class.std().mean(axis=1).to_numpy())
 
 
-def repro_table(results_dir=RESULTS_DIR):
-    """Q4 cells trained again alone (results/repro) against their stored records, trained in a
-    group: best and final test VFE and their differences."""
+def repro_table(results_dir=None):
+    """Q4 cells trained again alone (the `repro` experiment, in results/repro) against their stored
+    records, trained in a group: best and final test VFE and their differences."""
     import pandas as pd
 
     q4_groups = {
@@ -411,10 +412,9 @@ def repro_table(results_dir=RESULTS_DIR):
         for s in g
     }
     rows = []
-    for path in sorted((results_dir / "repro" / "cells").glob("*.json")):
-        again = json.loads(path.read_text())
+    for again in experiment_records("repro", results_dir):
         s = again["settings"]
-        stored = load_cell(cell_path(s, results_dir), s)
+        stored = load_cell(cell_path(s, results_folder(results_dir)), s)
         rows.append(
             dict(
                 h=s["hidden"],
@@ -432,9 +432,10 @@ def repro_table(results_dir=RESULTS_DIR):
     )
 
 
-def training_times(results_dir=RESULTS_DIR):
+def training_times(results_dir=None):
     """Per experiment: its stored cells, their devices and their summed wall time; and the hours of
-    all distinct cells (cells shared between experiments counted once)."""
+    all distinct cells (cells shared between experiments counted once; a cell's twin on another
+    device, or trained again in a folder of its own, is another cell)."""
     import pandas as pd
 
     runs = {name: stored_records(name, results_dir)[0] for name in EXPERIMENTS}
@@ -450,8 +451,10 @@ def training_times(results_dir=RESULTS_DIR):
         ]
     )
     unique = {
-        json.dumps(x["settings"], sort_keys=True): x["wall_seconds"]
-        for r in runs.values()
+        (OWN_FOLDER.get(name), json.dumps(x["settings"], sort_keys=True), x["device"]): x[
+            "wall_seconds"
+        ]
+        for name, r in runs.items()
         for x in r
     }
     return times, len(unique), sum(unique.values()) / 3600
@@ -805,10 +808,10 @@ def q7_headline():
     recipe, and at 1,000 images over five training sets (best-validation epoch)."""
     from .tradeoff import at_epoch, bias_variance_runs
 
-    seed_records = stored_records("seeds")[0]
+    seed_records = experiment_records("seeds")
     s = pooled_spread(summary_table(seed_records))[0]
-    full = with_seeds(stored_records("q7_scaled")[0], seed_records)
-    runs = bias_variance_runs(stored_records("q7_bias_variance")[0])
+    full = with_seeds(experiment_records("q7_scaled"), seed_records)
+    runs = bias_variance_runs(experiment_records("q7_bias_variance"))
     small = {
         h: [at_epoch(r, "test_vfe", "best_val") for r in sets] for h, (sets, _) in runs.items()
     }
