@@ -131,6 +131,33 @@ def test_a_kept_model_of_another_cell_under_this_cells_name_is_refused_naming_th
             load()
 
 
+@pytest.mark.parametrize(
+    "damage", [dict(best_test_vfe=float("nan")), dict(active_units="lots"), dict(n_params=None)]
+)
+def test_a_kept_model_whose_record_is_damaged_is_refused_naming_the_file(folder, damage):
+    rec = v.stored_records("q4", folder)[0][0]
+    v.keep_model(rec, folder)
+    path = v.kept_path(rec["settings"], folder)
+    kept = torch.load(path, weights_only=True)
+    torch.save(dict(kept, record=dict(kept["record"], **damage)), path)
+    with pytest.raises(v.ResultsError, match=f"{path} holds a damaged record .*its {[*damage][0]}"):
+        v.kept_models(folder)
+
+
+@pytest.mark.parametrize("planted", ["fifo", "pickle", "text"])
+def test_a_file_where_a_kept_model_belongs_that_is_not_one_is_refused_naming_it(folder, planted):
+    path = folder / "models" / "x.pt"
+    path.parent.mkdir()
+    if planted == "fifo":
+        os.mkfifo(path)
+    elif planted == "pickle":
+        torch.save({"f": os.system}, path)  # weights_only refuses to load a callable
+    else:
+        path.write_text("not a model")
+    with pytest.raises(v.ResultsError, match=f"{path}"):
+        v.kept_models(folder)
+
+
 def test_weights_of_another_shape_are_refused_naming_the_file(folder):
     small, wide = (r["settings"] for r in v.stored_records("q4", folder)[0])
     path = v.weights_path(small, folder)

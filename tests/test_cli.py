@@ -130,9 +130,9 @@ def test_help_answers_before_pytorch_is_loaded():
         (["--min-params", "99999999999"], "no cell of q4 has at least 99,999,999,999 parameters"),
         (["--min-params", "10", "--max-params", "5"], "--min-params 10 is above --max-params 5"),
         (["--hours", "0", "--slurm-local"], "--hours: must be a positive number of hours"),
-        (["--hours", "2"], "--hours only apply with --slurm"),
-        (["--gpus", "1"], "--gpus only apply with --slurm"),
-        (["--partition", "gpu"], "--partition only apply with --slurm"),
+        (["--hours", "2"], "--hours applies only with --slurm"),
+        (["--gpus", "1"], "--gpus applies only with --slurm"),
+        (["--partition", "gpu"], "--partition applies only with --slurm"),
         (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
         (["--epochs", "two"], "--epochs: 'two' is not a whole number"),
         (["--jobs", "0"], "--jobs: must be at least 1, got 0"),
@@ -297,7 +297,7 @@ def test_an_analysis_refuses_the_training_options_in_one_line_before_pytorch_loa
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.splitlines() == ["exit 2", "torch loaded: False"]
     assert out.stderr.splitlines() == [
-        "python -m vae_helpers: error: --epochs only apply to training; gaps reads stored models "
+        "python -m vae_helpers: error: --epochs applies only to training; gaps reads stored models "
         "(see --help)"
     ]
     assert list(tmp_path.iterdir()) == []

@@ -3,8 +3,10 @@
 import json
 import os
 import signal
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import held_run, tiny, wait_until
@@ -179,6 +181,13 @@ def test_a_results_folder_that_cannot_take_files_is_refused_before_any_training(
         ("active_units", None),
         ("running_train_vfe", []),
         ("train_vfe", "23.4"),
+        ("settings", v.recorded_settings(tiny()) | {"epochs": "1"}),
+        ("settings", v.recorded_settings(tiny()) | {"hidden": "5"}),
+        ("settings", v.recorded_settings(tiny()) | {"latent": None}),
+        ("device", None),
+        ("device", "tpu"),
+        ("diverged_epoch", "x"),
+        ("diverged_epoch", 99),
     ],
 )
 def test_a_damaged_or_inconsistent_record_is_refused_naming_the_file_and_field(
@@ -698,3 +707,30 @@ def test_a_fifo_where_a_record_belongs_is_corrupt_not_a_hang(tmp_path):
         v.load_cell(path, s)
     with pytest.raises(v.ResultsError, match="not a regular file"):
         v.cell_path(dict(s, device="cpu"), tmp_path)
+
+
+@pytest.mark.parametrize("planted", ["fifo", "empty", "binary", "no key column"])
+def test_a_file_where_an_analysis_table_belongs_that_is_not_one_is_refused_and_left(
+    tmp_path, planted
+):
+    path = tmp_path / "bound.csv"
+    content = {"empty": b"", "binary": bytes(range(256)) * 4, "no key column": b"a,b\n1,2\n"}
+    os.mkfifo(path) if planted == "fifo" else path.write_bytes(content[planted])
+    with pytest.raises(
+        v.ResultsError, match=rf"{path} is not a table .*vae_helpers bound --results"
+    ):
+        v.cached_table(path, {"a": 1}, compute=lambda n: ([dict(x=1)], {}))
+    assert planted == "fifo" or path.read_bytes() == content[planted]
+
+
+@pytest.mark.parametrize("planted", ["fifo", "huge"])
+def test_a_file_where_arrays_belong_that_is_not_ours_is_refused_naming_it(tmp_path, planted):
+    path = tmp_path / "bias_variance.npz"
+    if planted == "fifo":
+        os.mkfifo(path)
+    else:  # a member whose header claims 800 GB
+        header = np.lib.format.header_data_from_array_1_0(np.zeros(1))
+        with zipfile.ZipFile(path, "w") as z, z.open("x.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, dict(header, shape=(10**11,)))
+    with pytest.raises(v.ResultsError, match=f"{path} is not an array file"):
+        v.load_npz(path)

@@ -61,6 +61,10 @@ def partition(text):
     return text
 
 
+def verb(options):
+    return "applies" if len(options) == 1 else "apply"
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the whole usage: --help gives that
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -140,7 +144,7 @@ def checked(p, args):
     """Refuse combinations that would do something other than what was asked."""
     cluster = [f"--{k}" for k in ("partition", "hours", "gpus") if getattr(args, k) is not None]
     if cluster and not (args.slurm or args.slurm_local):
-        p.error(f"{', '.join(cluster)} only apply with --slurm")
+        p.error(f"{', '.join(cluster)} {verb(cluster)} only with --slurm")
     if args.slurm and args.slurm_local:
         p.error("choose one of --slurm and --slurm-local")
     if args.slurm and shutil.which("sbatch") is None:
@@ -203,7 +207,10 @@ def analysis_checked(p, args):
     unset.update(partition=None, hours=None, gpus=None)
     given = [f"--{k.replace('_', '-')}" for k, x in unset.items() if getattr(args, k) != x]
     if given:
-        p.error(f"{', '.join(given)} only apply to training; {args.experiment} reads stored models")
+        p.error(
+            f"{', '.join(given)} {verb(given)} only to training; {args.experiment} reads stored "
+            "models"
+        )
 
 
 def run_analysis(args):
@@ -270,7 +277,7 @@ def run_command(args, names, p):
             f"\n{name} ({len(table)} cells); every column is in\n"
             f"{Path(args.results) / (name + '.csv')}\nhere the settings that vary and the results:"
         )
-        print(readable(table).to_string(index=False, line_width=99))
+        print(readable(table).to_string(index=False))  # one line per cell, however wide
 
 
 def readable(table):

@@ -13,8 +13,10 @@ from .store import (
     ResultsError,
     atomic_save,
     cached_table,
+    cell_name,
     cell_path,
     load_pt,
+    record_problem,
     results_folder,
     weights_path,
 )
@@ -23,7 +25,7 @@ from .train import chunk_sizes, eval_terms, noise
 
 def kept_path(s, results_dir=None):
     """Where a kept model lives: results/models/<cell name>.pt, its record and final weights."""
-    return results_folder(results_dir) / "models" / cell_path(s).with_suffix(".pt").name
+    return results_folder(results_dir) / "models" / f"{cell_name(s)}.pt"
 
 
 def keep_model(rec, results_dir=None):
@@ -32,7 +34,7 @@ def keep_model(rec, results_dir=None):
     s, folder = rec["settings"], results_folder(results_dir)
     if not weights_path(s, folder).exists():
         raise ResultsError(
-            f"no weights of {cell_path(s).name} in {folder / 'weights'} (they stay local): train "
+            f"no weights of {cell_name(s)}.json in {folder / 'weights'} (they stay local): train "
             "the cell again (delete its record) to keep them"
         )
     state = load_pt(weights_path(s, folder))
@@ -61,11 +63,14 @@ def kept_model(path):
     kept = load_pt(path)
     try:
         rec, state, s = kept["record"], kept["state"], kept["record"]["settings"]
-        named = cell_path(s).with_suffix(".pt").name
+        named = f"{cell_name(s)}.pt"
     except (KeyError, TypeError):
         raise ResultsError(
             f"{path} is not a kept model (a record with its weights); it was left as it is"
         ) from None
+    problem = record_problem(rec) if isinstance(rec, dict) else "whole record"
+    if problem:
+        raise ResultsError(f"{path} holds a damaged record (its {problem}); it was left as it is")
     if named != Path(path).name:
         raise ResultsError(
             f"{path} holds the model of another cell ({named}); it was left as it is: delete it "
@@ -231,6 +236,6 @@ def trained_model(s, results_dir=None):
     path = weights_path(s, folder)
     if not path.exists():
         raise ResultsError(
-            f"no weights of {cell_path(s).name} in {folder}: train its cell again to keep them"
+            f"no weights of {cell_name(s)}.json in {folder}: train its cell again to keep them"
         )
     return vae_with(load_pt(path), s, path).float().eval()

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import stacked, store
-from .model import label
+from .model import label, n_params_formula
 from .settings import cell_settings
 from .stacked import groups, train_group, without_latent
 from .store import (
@@ -24,6 +24,7 @@ from .store import (
     RESULTS_DIR,
     ResultsError,
     atomic_save,
+    cell_name,
     cell_path,
     checkpoint_path,
     group_lock,
@@ -122,7 +123,7 @@ def store_cell(s, rec, model, results_dir):
 def cell_claim(s, results_dir):
     """A lock on one cell (checkpoints/<its name>.lock): the process holding it is the one that
     trains and stores the cell, whichever group, or experiment, it trains it in."""
-    return group_lock(Path(results_dir) / "checkpoints" / cell_path(s).name)
+    return group_lock(Path(results_dir) / "checkpoints" / f"{cell_name(s)}.json")
 
 
 def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
@@ -146,7 +147,11 @@ def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
         busy = False
         plan = planned_groups(pending, results_dir)
         bars = progress and stacked.PROGRESS_ROW == 0 and len(plan) > 1
-        for group in tqdm(plan, desc="groups", disable=not bars, **stacked.BAR):
+        bar, last = work_bar([s for g in plan for s in g], "training", not bars), []
+        for done, group in enumerate(plan):
+            bar.set_postfix_str(f"{done}/{len(plan)} groups done", refresh=False)
+            bar.update(sum(map(work, last)))
+            last = group
             with group_lock(checkpoint_path(group, results_dir)) as lock, ExitStack() as claims:
                 if lock is None:
                     busy = True  # another process is training it
@@ -156,6 +161,8 @@ def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
                 busy = busy or len(mine) < len(asked)  # another process trains the others
                 if mine:
                     failed += store_group(group, results_dir, progress, mine)
+        bar.update(sum(map(work, last)))
+        bar.close()
         pending = [s for s in pending if not cell_path(s, results_dir).exists() and s not in failed]
         if pending and busy:
             time.sleep(WAIT_SECONDS)
@@ -167,6 +174,30 @@ def run_cells(cells, results_dir=RESULTS_DIR, progress=True, jobs=1):
             "the other cells of its group were"
         )
     return [load_cell(cell_path(s, results_dir), s) for s in cells]
+
+
+def work(s):
+    """A cell's training work, to which its time is about proportional: parameters x images seen."""
+    return n_params_formula(s["hidden"], s["latent"]) * s["epochs"] * s["train_size"]
+
+
+def work_bar(cells, desc, disable):
+    """A progress bar over the cells' work rather than their number, so that its time left is not
+    an average over cells of a thousand times different sizes."""
+    return tqdm(
+        total=sum(map(work, cells)),
+        desc=desc,
+        disable=disable,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+        **stacked.BAR,
+    )
+
+
+def stored_work(bar, cells):
+    """Move the bar to the work of the cells stored so far ({path: settings}), and say how many."""
+    done = [s for p, s in cells.items() if p.exists()]
+    bar.set_postfix_str(f"{len(done)}/{len(cells)} cells stored", refresh=False)
+    bar.update(sum(map(work, done)) - bar.n)
 
 
 def worker(cells, results_dir, threads, row=0, progress=False):
@@ -209,21 +240,16 @@ def run_workers(cells, results_dir, jobs, progress):
         ctx.Process(target=worker, args=(cells, str(results_dir), threads, 1 + 2 * i, progress))
         for i in range(jobs)
     ]
-    unique = {cell_path(s, results_dir) for s in cells}
+    unique = {cell_path(s, results_dir): s for s in cells}
     with stopped_by_sigterm():
         try:
             for p in procs:
                 p.start()
-            with tqdm(
-                total=len(unique),
-                desc=f"cells stored ({jobs} workers)",
-                disable=not progress,
-                **stacked.BAR,
-            ) as bar:
+            with work_bar(list(unique.values()), f"{jobs} workers", not progress) as bar:
                 while any(p.is_alive() for p in procs):
-                    bar.update(sum(p.exists() for p in unique) - bar.n)
+                    stored_work(bar, unique)
                     time.sleep(1)
-                bar.update(sum(p.exists() for p in unique) - bar.n)
+                stored_work(bar, unique)
         finally:
             for p in procs:
                 if p.is_alive():

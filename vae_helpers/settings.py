@@ -38,6 +38,7 @@ OPTIONS = dict(
     recon_images=0,
     device=None,
 )
+DEVICES = ("cpu", "cuda")
 
 
 def cell_settings(hidden, latent, **overrides):
@@ -53,7 +54,7 @@ def cell_settings(hidden, latent, **overrides):
     dataset_class(s["dataset"])
     if s["recon"] not in ("mse", "bernoulli"):
         raise ValueError(f"unknown reconstruction {s['recon']!r}; choose 'mse' or 'bernoulli'")
-    if s["device"] not in (None, "cpu", "cuda"):
+    if s["device"] not in (None, *DEVICES):
         raise ValueError(
             f"unknown device {s['device']!r}; choose 'cpu' or 'cuda' (or leave it out)"
         )

@@ -20,7 +20,7 @@ import torch
 
 from .data import ROOT
 from .model import n_params_formula
-from .settings import recorded_settings
+from .settings import DEVICES, cell_settings, recorded_settings
 
 # The results folder the notebook reads and the command line writes by default; VAE_RESULTS_DIR
 # names another (set it before `import vae_helpers`, e.g. to draw a re-run in /tmp/fresh).
@@ -75,8 +75,21 @@ def why_not_written(folder):
 
 def load_pt(path, device="cpu"):
     """A .pt file of tensors and plain data (weights, checkpoints). weights_only: a file planted
-    in a shared results folder cannot run code as whoever loads it; it fails to load instead."""
-    return torch.load(path, map_location=device, weights_only=True)
+    in a shared results folder cannot run code as whoever loads it; it is refused, named."""
+    if os.path.lexists(path):
+        try:
+            plain_file(path)
+        except ValueError as err:
+            raise ResultsError(f"{path}: {err}; it was left as it is") from None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises many kinds for a damaged or foreign file
+        why = str(err).strip().splitlines()[0][:120]
+        raise ResultsError(
+            f"{path} is not a file of tensors this package wrote ({why}); it was left as it is"
+        ) from None
 
 
 def save_csv(table, path):
@@ -201,16 +214,21 @@ def cell_path(s, results_dir=RESULTS_DIR):
     return Path(results_dir) / "cells" / f"{cell_key(s, results_dir)}.json"
 
 
-def cell_key(s, results_dir=RESULTS_DIR):
-    """The cell's name, under <device>/ for a pinned twin: records, weights and reconstructions
-    are stored by it."""
+def cell_name(s):
+    """The cell's name, from its settings alone: a readable part and a hash of every setting."""
     plain = recorded_settings(s)
     digest = hashlib.sha1(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
     slug = f"{s['dataset']}-h{s['hidden']}-l{s['latent']}-wd{s['weight_decay']:g}"
     slug += f"-e{s['epochs']}-s{s['seed']}"
     slug += "-bf16" if s.get("precision") == "bfloat16" else ""
     slug += f"-o{s['train_offset']}" if s.get("train_offset") else ""
-    name = f"{slug}-{digest}"
+    return f"{slug}-{digest}"
+
+
+def cell_key(s, results_dir=RESULTS_DIR):
+    """The cell's name, under <device>/ for a pinned twin: records, weights and reconstructions
+    are stored by it."""
+    name = cell_name(s)
     pinned = s.get("device")
     if pinned and recorded_device(Path(results_dir) / "cells" / f"{name}.json") not in (
         None,
@@ -286,8 +304,15 @@ def record_problem(rec):
     """What is wrong with a record, or None: its fields, types and finite values, list lengths that
     match the evaluated epochs, the best equal to the minimum, the parameter count the formula's."""
     s = rec.get("settings")
-    if not isinstance(s, dict) or not {"hidden", "latent", "epochs"} <= set(s):
+    try:  # every setting named and of its kind, as cell_settings checks a new cell's
+        cell_settings(**s)
+    except (TypeError, ValueError):
         return "settings"
+    if not isinstance(rec.get("device"), str) or rec["device"].split(":")[0] not in DEVICES:
+        return "device"
+    gone = rec.get("diverged_epoch", 1)
+    if not isinstance(gone, int) or isinstance(gone, bool) or not 1 <= gone <= s["epochs"]:
+        return "diverged_epoch"
     epochs = rec.get("eval_epochs")
     if not isinstance(epochs, list) or not epochs or not all(isinstance(e, int) for e in epochs):
         return "eval_epochs"
@@ -479,11 +504,11 @@ def load_npz(path):
     from zipfile import BadZipFile
 
     try:
-        with np.load(path) as f:
+        with np.load(plain_file(path) if os.path.lexists(path) else path) as f:
             return {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise
-    except (ValueError, OSError, EOFError, BadZipFile) as err:
+    except (ValueError, OSError, EOFError, BadZipFile, MemoryError) as err:
         raise ResultsError(
             f"{path} is not an array file this package wrote ({err}); it was left as it is: "
             "delete it and run the command that made it again"
@@ -498,10 +523,9 @@ def cached_table(path, parts, compute=None, arrays=False):
     import pandas as pd
 
     path, keys = Path(path), {n: json.dumps(k, sort_keys=True) for n, k in parts.items()}
-    table = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["key"])
-    table = table if "key" in table else pd.DataFrame(columns=["key"])
+    table = stored_table(path) if os.path.lexists(path) else pd.DataFrame(columns=["key"])
     side = path.with_suffix(".npz")
-    images = load_npz(side) if arrays and side.exists() else {}
+    images = load_npz(side) if arrays and os.path.lexists(side) else {}
     done = {
         n: table[table.key == k]
         for n, k in keys.items()
@@ -524,6 +548,23 @@ def cached_table(path, parts, compute=None, arrays=False):
             atomic_save(images, side, save_npz)
         atomic_save(in_order(done, keys), path, save_csv)
     return in_order(done, keys)
+
+
+def stored_table(path):
+    """A CSV that cached_table wrote (a `key` column); anything else is refused, named, and left."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(plain_file(path))
+        if "key" not in table:
+            raise ValueError("it has no key column")
+    except (ValueError, OSError, pd.errors.ParserError) as err:  # EmptyDataError is a ValueError
+        raise ResultsError(
+            f"{path} is not a table this package wrote ({str(err).splitlines()[0][:100]}); it was "
+            f"left as it is: delete it and make it again with `.venv/bin/python -m vae_helpers "
+            f"{path.stem} --results {path.parent}`"
+        ) from None
+    return table
 
 
 def in_order(done, keys):
