@@ -602,6 +602,14 @@ def test_a_folder_of_other_files_without_the_stores_mark_is_refused_and_left_as_
     assert {str(p.relative_to(tmp_path)): p.read_text() for p in files} == THEIRS
 
 
+def test_a_folder_with_a_cells_folder_of_other_files_is_refused_too(tmp_path):
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "config.json").write_text("{}")
+    (tmp_path / "thesis.tex").write_text("")
+    with pytest.raises(v.ResultsError, match="not a results folder of this package"):
+        v.run_cells([tiny()], tmp_path, progress=False)
+
+
 def test_files_the_store_did_not_write_are_neither_renamed_nor_deleted_in_its_folder(tmp_path):
     plant_theirs(store_folder(tmp_path))
     v.run_cells([tiny()], tmp_path, progress=False)

@@ -189,8 +189,8 @@ def marked(path):
     """Refuse a folder that is not the store's before anything in it is touched: one that holds
     other files and neither the store's mark nor records (a folder from before the mark). An
     empty one is marked."""
-    if any((path / "cells").glob("*.json")):
-        return
+    if any(CELL_NAME.match(p.name) for p in (path / "cells").glob("*.json")):
+        return  # a folder from before the mark: it holds records by the store's names
     names = sorted(p.name for p in path.iterdir())
     if MARK in names:
         return
