@@ -158,12 +158,22 @@ def test_a_file_where_a_kept_model_belongs_that_is_not_one_is_refused_naming_it(
         v.kept_models(folder)
 
 
-def test_weights_of_another_shape_are_refused_naming_the_file(folder):
+def test_weights_of_another_cell_are_refused_naming_the_file(folder):
     small, wide = (r["settings"] for r in v.stored_records("q4", folder)[0])
     path = v.weights_path(small, folder)
     shutil.copy(v.weights_path(wide, folder), path)
-    with pytest.raises(v.ResultsError, match=rf"{path} does not hold .* h=5, l=2 \(size mismatch"):
+    with pytest.raises(v.ResultsError, match=rf"{path} does not hold the weights of .*-h5-l2-"):
         v.trained_model(small, folder)
+
+
+def test_weights_of_another_cell_of_the_same_sizes_are_refused_too(folder):
+    s = v.stored_records("q4", folder)[0][0]["settings"]
+    other = v.cell_settings(**dict(s, weight_decay=1.0))
+    v.weights_path(other, folder).write_bytes(v.weights_path(s, folder).read_bytes())
+    with pytest.raises(v.ResultsError, match="does not hold the weights of .*-wd1-"):
+        v.trained_model(other, folder)
+    with pytest.raises(v.ResultsError, match="does not hold the weights"):
+        v.keep_model(dict(v.stored_records("q4", folder)[0][0], settings=other), folder)
 
 
 def test_the_bound_command_keeps_the_best_model_and_measures_each_kept_model_once(folder):

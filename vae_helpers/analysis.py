@@ -9,12 +9,12 @@ import torch
 from .data import load_data
 from .experiments import experiment_table
 from .model import VAE, X_DIM, kl_to_prior, like
+from .settings import recorded_settings
 from .store import (
     ResultsError,
     atomic_save,
     cached_table,
     cell_name,
-    cell_path,
     load_pt,
     record_problem,
     results_folder,
@@ -37,8 +37,23 @@ def keep_model(rec, results_dir=None):
             f"no weights of {cell_name(s)}.json in {folder / 'weights'} (they stay local): train "
             "the cell again (delete its record) to keep them"
         )
-    state = load_pt(weights_path(s, folder))
+    state = cell_weights(s, folder)
     atomic_save({"record": rec, "state": state}, kept_path(s, folder), torch.save)
+
+
+def cell_weights(s, folder):
+    """A trained cell's final weights (results/weights/, local), refused unless the file names
+    this cell: another cell's of the same sizes would load without a murmur."""
+    path = weights_path(s, folder)
+    weights = load_pt(path)
+    named = weights.get("settings") if isinstance(weights, dict) else None
+    if named != recorded_settings(s) or "state" not in weights:
+        raise ResultsError(
+            f"{path} does not hold the weights of {cell_name(s)} (it names "
+            f"{'no cell' if named is None else named}); it was left as it is: train that cell "
+            "again (delete its record) to make them"
+        )
+    return weights["state"]
 
 
 def vae_with(state, s, path):
@@ -203,10 +218,8 @@ def make_bound(results_dir=None):
 
 
 def bound_cache(models, folder, make=False):
-    parts = {
-        cell_path(r["settings"]).stem: dict(settings=r["settings"], **BOUND) for r, _ in models
-    }
-    by_name = {cell_path(r["settings"]).stem: (r, m) for r, m in models}
+    parts = {cell_name(r["settings"]): dict(settings=r["settings"], **BOUND) for r, _ in models}
+    by_name = {cell_name(r["settings"]): (r, m) for r, m in models}
     compute = (lambda name: (bound_rows(*by_name[name]), {})) if make else None
     return cached_table(folder / "bound.csv", parts, compute)
 
@@ -238,4 +251,4 @@ def trained_model(s, results_dir=None):
         raise ResultsError(
             f"no weights of {cell_name(s)}.json in {folder}: train its cell again to keep them"
         )
-    return vae_with(load_pt(path), s, path).float().eval()
+    return vae_with(cell_weights(s, folder), s, path).float().eval()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from . import stacked, store
 from .model import label, n_params_formula
-from .settings import cell_settings
+from .settings import cell_settings, recorded_settings
 from .stacked import groups, train_group, without_latent
 from .store import (
     OWN_NAME,
@@ -111,7 +111,8 @@ def store_group(group, results_dir, progress, wanted=None):
 def store_cell(s, rec, model, results_dir):
     """A trained cell's weights, kept reconstructions and, last, its record: a stored record means
     that everything of its cell is stored."""
-    atomic_save(model.state_dict(), weights_path(s, results_dir), torch.save)
+    weights = {"settings": recorded_settings(s), "state": model.state_dict()}  # named: see load
+    atomic_save(weights, weights_path(s, results_dir), torch.save)
     recons = rec.pop("recons", None)
     if recons:
         rec.update({f"recon_mse_{k}": r["mse"] for k, r in recons.items()})
