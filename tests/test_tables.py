@@ -317,3 +317,24 @@ def test_the_lowest_width_is_tied_with_every_width_the_rule_cannot_separate_from
     t = v.lowest_width(single, 60_000, 0.1).set_index("h")
     assert list(t.resolved) == [False, False, True]  # 0.15 is 1.5 SE; 0.36 is 3.6
     assert "tied with it by the rule: h = 500" in v.minimum_line(t.reset_index())
+
+
+def far_run(hidden, test, train):
+    epochs = list(range(1, len(test) + 1))
+    best = min(test)
+    return dict(
+        settings=dict(hidden=hidden), n_params=hidden * 10_000, test_vfe=test, train_vfe=train,
+        eval_epochs=epochs, best_test_vfe=best, best_epoch=epochs[test.index(best)],
+        final_test_vfe=test[-1],
+    )  # fmt: skip
+
+
+def test_the_far_side_lines_give_each_runs_last_epoch_and_judge_it_against_h_2000():
+    runs = [far_run(2000, [23.5, 23.3], [23.2, 23.1]), far_run(5000, [23.4, 23.7], [23.2, 23.5])]
+    lines = v.q7_far_side_lines(runs, {"best_test_vfe": 0.1, "final_test_vfe": 0.1}).split("\n")
+    assert (
+        "final minus best +0.300" in lines[1]
+        and "at the best epoch 23.200, at the final 23.500" in lines[1]
+    )
+    assert lines[2].startswith("h = 5000 minus h = 2000, best: +0.100 (+1.0 SE, not resolved)")
+    assert lines[3].startswith("h = 5000 minus h = 2000, final: +0.400 (+4.0 SE, resolved)")

@@ -53,7 +53,7 @@ Q7_BV_SETS = 5
 Q7_BV = dict(train_size=1_000, epochs=400, eval_every=10, val_size=5_000, recon_images=1_000)
 
 
-# Two widths past the line (h = 4750 and 5000, 1.12 and 1.18 x); one such cell takes a session of
+# Two widths past the line (h = 4750 and 5000, 1.12 and 1.23 x); one such cell takes hours of
 # a 2-core CPU.
 Q7_SCALED_HIDDEN = [5, 50, 200, 500, 2000, 4750, 5000]
 

@@ -13,6 +13,7 @@ from .experiments import (
     OWN_FOLDER,
     Q7_LATENT,
     by_size,
+    end_of_epoch,
     experiment_cells,
     experiment_records,
     scaled_rate,
@@ -566,7 +567,8 @@ def q7_far_side_lines(scaled, spread):
             f" best {r['best_test_vfe']:.3f} (epoch {r['best_epoch']}), final"
             f" {r['final_test_vfe']:.3f}, final minus best"
             f" {r['final_test_vfe'] - r['best_test_vfe']:+.3f}; last 5 epochs {min(tail):.2f}"
-            f" to {max(tail):.2f}"
+            f" to {max(tail):.2f}; end-of-epoch training VFE at the best epoch"
+            f" {end_of_epoch(r, r['best_epoch']):.3f}, at the final {end_of_epoch(r, -1):.3f}"
         )
     base = wide[0]
     for r in wide[1:]:
