@@ -240,6 +240,7 @@ def test_the_printed_table_says_what_was_not_measured_in_words_within_100_column
     assert list(shown.diverged_epoch) == ["no", "3"]
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) < 100 and "NaN" not in out
+    assert not any(line.endswith("\\") for line in out.splitlines())
 
 
 def test_make_lab_lets_root_run_jupyterlab_and_passes_the_users_arguments():

@@ -623,7 +623,7 @@ def test_a_new_or_empty_folder_is_marked_and_one_with_records_is_the_stores(tmp_
         results.mkdir()
     if folder == "records from before the mark":
         (results / "cells").mkdir()
-        (results / "cells" / "old.json").write_text("{}")
+        v.cell_path(tiny(), results).write_text("{}")  # a record by the store's name
     v.writable_results(results)
     assert (results / v.MARK).exists() == (folder != "records from before the mark")
 

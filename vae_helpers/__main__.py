@@ -277,7 +277,8 @@ def run_command(args, names, p):
             f"\n{name} ({len(table)} cells); every column is in\n"
             f"{Path(args.results) / (name + '.csv')}\nhere the settings that vary and the results:"
         )
-        print(readable(table).to_string(index=False))  # one line per cell, however wide
+        text = readable(table).to_string(index=False, line_width=99)
+        print(re.sub(r" *\\$", "", text, flags=re.M))  # blocks of columns, without pandas' "\"
 
 
 def readable(table):
