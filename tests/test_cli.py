@@ -83,6 +83,14 @@ def test_a_summary_table_with_a_diverged_record_says_so():
     )
 
 
+def test_a_diverged_run_has_no_final_values_in_its_table_only_the_best_before_it():
+    rec, _ = v.train_cell(tiny(epochs=2), progress=False)
+    gone = dict(json.loads(json.dumps(rec)), diverged_epoch=2)
+    row = v.summary_table([rec, gone]).iloc[1]
+    assert row[["final_test_vfe", "final_train_vfe", "final_running_train_vfe"]].isna().all()
+    assert row.best_test_vfe == round(rec["best_test_vfe"], 3)
+
+
 def test_the_printed_table_leaves_out_settings_that_never_change():
     table = v.summary_table(v.stored_records("q4")[0])
     shown = cli.readable(table)

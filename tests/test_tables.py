@@ -338,3 +338,17 @@ def test_the_far_side_lines_give_each_runs_last_epoch_and_judge_it_against_h_200
     )
     assert lines[2].startswith("h = 5000 minus h = 2000, best: +0.100 (+1.0 SE, not resolved)")
     assert lines[3].startswith("h = 5000 minus h = 2000, final: +0.400 (+4.0 SE, resolved)")
+
+
+def test_the_widths_on_the_gpu_name_the_seeds_where_only_some_ran_there():
+    runs = [
+        dict(settings=dict(hidden=h, seed=seed), device=device)
+        for h, seed, device in [
+            (500, 0, "cpu"),
+            (1000, 0, "cpu"),
+            (1000, 2, "cuda"),
+            (2000, 0, "cuda"),
+        ]
+    ]
+    assert v.on_gpu(runs) == "h = 1000 (seed 2), h = 2000"
+    assert v.on_gpu(runs[:2]) == "none"

@@ -177,6 +177,9 @@ def summary_table(records):
         table["diverged_epoch"] = pd.array(
             [r.get("diverged_epoch") for r in records], dtype="Int64"
         )
+        # a diverged run has no final epoch: its last finite values would read as one
+        final = ["final_test_vfe", "final_train_vfe", "final_running_train_vfe"]
+        table.loc[table.diverged_epoch.notna().to_numpy(), final] = np.nan
     return table
 
 

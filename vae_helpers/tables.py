@@ -608,10 +608,16 @@ def moved_line_lines(data_records, bv_records, control, spread):
         recs = [r for r in data_records if r["settings"]["train_size"] == n]
         done = [r for r in recs if "diverged_epoch" not in r]
         s = recs[0]["settings"]
-        gpu = sorted({r["settings"]["hidden"] for r in recs if r["device"] != "cpu"})
+        gone = [
+            f"h = {r['settings']['hidden']} seed {r['settings']['seed']}"
+            f" in epoch {r['diverged_epoch']}"
+            for r in recs
+            if "diverged_epoch" in r
+        ]
         lines.append(
             f"N = {n:,}: {s['epochs']} epochs = {s['epochs'] * -(-n // s['batch_size']):,} Adam"
-            f" steps, seeds {sorted({r['settings']['seed'] for r in recs})}; on the GPU: h = {gpu}"
+            f" steps, seeds {sorted({r['settings']['seed'] for r in recs})}; on the GPU:"
+            f" {on_gpu(recs)}; diverged: {', '.join(gone) or 'none'}"
         )
         for value in VALUES:
             curve = lowest_width(by_seed(done, value), n, spread[value])
@@ -803,6 +809,21 @@ def repeat_lines(records):
         f" most, best by {max(d[1] for d in ds):.3f}"
         for name, ds in (("same device", same), ("GPU against CPU", other))
     )
+
+
+def on_gpu(records):
+    """The widths trained on the GPU: 'h = 2000' where every seed was, 'h = 1000 (seed 2)' where
+    only some were."""
+    parts = []
+    for h in sorted({r["settings"]["hidden"] for r in records if r["device"] != "cpu"}):
+        runs = [r for r in records if r["settings"]["hidden"] == h]
+        seeds = [r["settings"]["seed"] for r in runs if r["device"] != "cpu"]
+        some = len(seeds) < len(runs)
+        parts.append(
+            f"h = {h}"
+            + (f" (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})" if some else "")
+        )
+    return ", ".join(parts) or "none"
 
 
 def q7_headline():
