@@ -371,3 +371,14 @@ def test_the_full_data_figure_marks_an_unstable_run_and_draws_a_diverged_one_as_
     assert [ln.get_ydata()[0] for ln in crosses] == [24.2]
     assert any("diverged in epoch 18" in t.get_text() for t in ax.texts)
     plt.close(fig)
+
+
+def test_the_full_data_figure_draws_every_cell_of_the_q4_grid_when_given():
+    import matplotlib.pyplot as plt
+
+    grid = [q7_record(5), q7_record(50), q7_record(500)]
+    fig, ax = plt.subplots()
+    v.q7_full_data([q7_record(500)], [], ax, grid=grid)
+    (dots,) = [ln for ln in ax.lines if ln.get_label().startswith("Q4 grid")]
+    assert list(dots.get_xdata()) == [r["n_params"] for r in grid]
+    plt.close(fig)

@@ -481,12 +481,16 @@ def hidden_of(rec):
     return rec["settings"]["hidden"]
 
 
-def q7_full_data(scaled, protocol, ax, swing=0.5, names=True, other=()):
+def q7_full_data(scaled, protocol, ax, swing=0.5, names=True, other=(), grid=()):
     """Q7 as asked, at 60,000 images: best test VFE against parameters with the line. `scaled`:
     one recipe's records on one device, joined (open: the final epoch); `protocol`: the course's
     rate past h = 500, squares, crosses where a run diverged, and a bar over the last five epochs
     where the final test VFE is more than `swing` nats above the best; `names`: label the widths;
-    `other`: the same recipe on another device, diamonds, not joined."""
+    `other`: the same recipe on another device, diamonds, not joined; `grid`: Q4's cells, every
+    (h, l), as grey dots (the question re-reads them)."""
+    if grid:
+        x, y = zip(*((r["n_params"], r["best_test_vfe"]) for r in grid))
+        ax.plot(x, y, ".", color="0.55", ms=7, label="Q4 grid, every (h, l): best", zorder=1)
     rows = sorted(scaled, key=lambda r: r["n_params"])
     p = [r["n_params"] for r in rows]
     ax.plot(p, [r["best_test_vfe"] for r in rows], "o-", color="C0", label="one recipe: best")
@@ -545,16 +549,16 @@ def q7_full_data(scaled, protocol, ax, swing=0.5, names=True, other=()):
     return ax
 
 
-def q7_full_data_figure(scaled, protocol, zoom=(23.0, 26.0), other=()):
+def q7_full_data_figure(scaled, protocol, zoom=(23.0, 26.0), other=(), grid=()):
     """Two panels of q7_full_data: every width, and the widths above a million parameters."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     for ax, title in zip(axes, ("every width", "above a million parameters, zoomed")):
-        q7_full_data(scaled, protocol, ax, names=ax is axes[1], other=other)
+        q7_full_data(scaled, protocol, ax, names=ax is axes[1], other=other, grid=grid)
         ax.set_title(f"Q7: test VFE against parameters, 60,000 images, 30 epochs\n({title})")
     axes[1].set(xlim=(1e6, 1e8), ylim=zoom)
-    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(1.1, -0.14), ncol=3)
+    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(1.1, -0.14), ncol=4)
     return fig
 
 
