@@ -40,6 +40,15 @@ def test_a_shorter_run_without_a_results_folder_goes_to_scratch_not_the_studys_s
     assert (tmp_path / "scratch" / "q4_e2.csv").exists() and not (tmp_path / "cells").exists()
 
 
+def test_slurm_local_with_every_cell_stored_names_its_own_flag_and_warns_nothing(
+    tmp_path, monkeypatch, capsys, recwarn
+):
+    monkeypatch.setitem(v.EXPERIMENTS, "q4", lambda: [tiny(latent=2)])
+    v.run_cells([tiny(latent=2)], tmp_path, progress=False)
+    cli.main(["q4", "--slurm-local", "--results", str(tmp_path)])
+    assert "without --slurm-local for the table" in capsys.readouterr().out and not recwarn.list
+
+
 def test_command_line_refuses_an_unknown_experiment(capsys):
     with pytest.raises(SystemExit):
         cli.main(["q9"])

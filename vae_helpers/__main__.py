@@ -253,13 +253,18 @@ def run_command(args, names, p):
             )
         ]
         ids = ", ".join(j.job_id for j in jobs)
-        where = "local processes (pids)" if args.slurm_local else "Slurm jobs"
+        flag = "--slurm-local" if args.slurm_local else "--slurm"
+        where, watch = (
+            ("local processes (pids)", "`ps -p <pid>`")
+            if args.slurm_local
+            else ("Slurm jobs", "`squeue --me` (gone from it: finished)")
+        )
         print(
             f"submitted {len(jobs)} groups as {where} {ids}; logs in "
-            f"{Path(args.results) / 'slurm'}. When they finish, run this command without "
-            f"--slurm{'-local' if args.slurm_local else ''} for the table."
+            f"{Path(args.results) / 'slurm'}; {watch} shows which still run. When they finish, "
+            f"run this command without {flag} for the table."
             if jobs
-            else "every cell is stored already: run this command without --slurm for the table"
+            else f"every cell is stored already: run this command without {flag} for the table"
         )
         return
     for name in names:

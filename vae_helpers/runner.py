@@ -319,6 +319,8 @@ def submit_slurm(cells, results_dir=RESULTS_DIR, partition=None, hours=4.0, gpus
     results_dir = writable_results(results_dir)
     folder = private_folder(results_dir / "slurm")
     plan = planned_groups(stored_and_missing(cells, results_dir)[1], results_dir)
+    if not plan:  # nothing to submit (submitit would warn of an empty batch)
+        return []
     if local:
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=max(1, round(hours * 60)))
