@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -75,9 +76,16 @@ def test_latent_plane_colours_codes_by_class_beside_the_decoded_grid():
     import matplotlib.pyplot as plt
 
     _, axes = plt.subplots(1, 2)
-    v.latent_plane(small_model(latent=2), v.load_data()[1][:300], v.image_labels()[:300], axes, n=4)
+    model = small_model(latent=2)
+    with torch.no_grad():
+        model.mean.weight.mul_(100)  # codes far outside the decoder's grid of +-3
+    v.latent_plane(model, v.load_data()[1][:300], v.image_labels()[:300], axes, n=4)
     assert [t.get_text() for t in axes[0].get_legend().get_texts()] == v.FASHION_CLASSES
     assert axes[0].get_xlabel() and axes[1].get_xlabel() and len(axes[1].images) == 1
+    codes = np.concatenate([c.get_offsets() for c in axes[0].collections])
+    (x0, x1), (y0, y1) = axes[0].get_xlim(), axes[0].get_ylim()
+    assert (x0 <= codes[:, 0]).all() and (codes[:, 0] <= x1).all()  # no code clipped
+    assert (y0 <= codes[:, 1]).all() and (codes[:, 1] <= y1).all()
     plt.close("all")
 
 

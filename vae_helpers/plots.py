@@ -279,9 +279,12 @@ def latent_plane(model, x, labels, axes, n=15, span=3.0):
         xlabel="latent unit 1 (posterior mean)",
         ylabel="latent unit 2 (posterior mean)",
         title="Test images' codes, coloured by class",
-        xlim=(-span, span),
-        ylim=(-span, span),
     )
+    lim = max(span, 1.05 * float(np.abs(means).max()))  # every code in view, however far out
+    left.set(xlim=(-lim, lim), ylim=(-lim, lim))
+    left.add_patch(
+        plt.Rectangle((-span, -span), 2 * span, 2 * span, fill=False, ls="--", color="0.4")
+    )  # the region the decoder's grid (right) covers
     left.legend(
         markerscale=5, fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.12)
     )  # off the points
