@@ -152,7 +152,7 @@ def test_a_kept_model_whose_record_is_damaged_is_refused_naming_the_file(folder,
         v.kept_models(folder)
 
 
-@pytest.mark.parametrize("planted", ["fifo", "pickle", "text"])
+@pytest.mark.parametrize("planted", ["fifo", "pickle", "text", "a tensor", "settings as text"])
 def test_a_file_where_a_kept_model_belongs_that_is_not_one_is_refused_naming_it(folder, planted):
     path = folder / "models" / "x.pt"
     path.parent.mkdir()
@@ -160,6 +160,10 @@ def test_a_file_where_a_kept_model_belongs_that_is_not_one_is_refused_naming_it(
         os.mkfifo(path)
     elif planted == "pickle":
         torch.save({"f": os.system}, path)  # weights_only refuses to load a callable
+    elif planted == "a tensor":
+        torch.save(torch.zeros(3), path)
+    elif planted == "settings as text":
+        torch.save({"record": {"settings": "x"}, "state": {}}, path)
     else:
         path.write_text("not a model")
     with pytest.raises(v.ResultsError, match=f"{path}"):

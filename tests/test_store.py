@@ -188,6 +188,7 @@ def test_a_results_folder_that_cannot_take_files_is_refused_before_any_training(
         ("device", "tpu"),
         ("diverged_epoch", "x"),
         ("diverged_epoch", 99),
+        ("wall_seconds", 10**400),  # an integer no float holds
     ],
 )
 def test_a_damaged_or_inconsistent_record_is_refused_naming_the_file_and_field(
@@ -433,6 +434,15 @@ def test_a_planted_checkpoint_runs_no_code_and_is_set_aside(tmp_path):
         v.run_cells([cell], tmp_path, progress=False)
     assert not marker.exists() and v.cell_path(cell, tmp_path).exists()
     assert len(list(checkpoint.parent.glob("*.corrupt-*"))) == 1
+
+
+def test_a_sidecar_naming_a_cell_not_asked_for_is_not_resumed_here(tmp_path):
+    store_folder(tmp_path)
+    side = tmp_path / "checkpoints" / "0123456789abcdef.json"
+    side.parent.mkdir(parents=True)
+    huge = v.cell_settings(**dict(tiny(), latent=3_000_000))  # of its group, but not asked for
+    side.write_text(json.dumps({"cells": [tiny(), huge]}))
+    assert v.planned_groups([tiny()], tmp_path) == [[tiny()]] and side.exists()
 
 
 @pytest.mark.parametrize(

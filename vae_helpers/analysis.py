@@ -9,7 +9,7 @@ import torch
 from .data import load_data
 from .experiments import experiment_table
 from .model import VAE, X_DIM, kl_to_prior, like
-from .settings import recorded_settings
+from .settings import cell_settings, recorded_settings
 from .store import (
     ResultsError,
     atomic_save,
@@ -78,8 +78,8 @@ def kept_model(path):
     kept = load_pt(path)
     try:
         rec, state, s = kept["record"], kept["state"], kept["record"]["settings"]
-        named = f"{cell_name(s)}.pt"
-    except (KeyError, TypeError):
+        named = f"{cell_name(cell_settings(**s))}.pt"
+    except (KeyError, TypeError, ValueError, IndexError):
         raise ResultsError(
             f"{path} is not a kept model (a record with its weights); it was left as it is"
         ) from None

@@ -53,6 +53,8 @@ def planned_groups(pending, results_dir):
         group = sidecar_cells(side) if OWN_NAME.match(side.name) else None
         if group is None:
             continue
+        if not all(s in pending or cell_path(s, results_dir).exists() for s in group):
+            continue  # it names a cell not asked for here: its own command resumes it
         still = [s for s in group if s in pending and s not in covered]
         if still:
             plans.append(group)

@@ -297,7 +297,12 @@ def strict_json(text):
 
 
 def number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:  # an integer too large for a float is no number a record holds
+        return bool(np.isfinite(x))
+    except (TypeError, OverflowError):
+        return False
 
 
 def record_problem(rec):
