@@ -76,13 +76,12 @@ def why_not_written(folder):
 def load_pt(path, device="cpu"):
     """A .pt file of tensors and plain data (weights, checkpoints). weights_only: a file planted
     in a shared results folder cannot run code as whoever loads it; it is refused, named."""
-    if os.path.lexists(path):
-        try:
-            plain_file(path)
-        except ValueError as err:
-            raise ResultsError(f"{path}: {err}; it was left as it is") from None
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(
+            plain_file(path) if os.path.lexists(path) else path,
+            map_location=device,
+            weights_only=True,
+        )
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises many kinds for a damaged or foreign file
